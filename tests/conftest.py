@@ -1,0 +1,36 @@
+"""Paths shared by the tests. ``../shared`` (fixtures, BSData) sits beside the repository checkout;
+OILLEAK_SHARED overrides where it is."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared"))
+SAMPLE = REPO / "sample" / "bsdata"
+BSDATA = SHARED / "data" / "bsdata" / "train"
+FIXTURES = SHARED / "fixtures" / "mmdet"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared beside the checkout (or OILLEAK_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def bsdata_dir() -> Path:
+    return _require(BSDATA)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return _require(FIXTURES)
