@@ -201,12 +201,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Config:
-    raw = apply_overrides(dict(raw), overrides or [])
+def _validate(raw: dict[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    config = _validate(raw, source)
+    if not overrides:
+        return config
+    # Overrides apply to the complete config (defaults filled in), so `--set data.train.sem_dir=null`
+    # changes one key of a section the file did not spell out instead of replacing the whole section.
+    return _validate(apply_overrides(config.to_dict(), overrides), f"{source} with --set {' '.join(overrides)}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
