@@ -33,6 +33,19 @@ SetOption = Annotated[
 ]
 
 
+@app.callback()
+def _startup() -> None:
+    """Runs before every command: a torch/torchvision pair that cannot run the model's ops is the most
+    common install problem, so say how to fix it before anything else fails obscurely."""
+    from oilleak.deps import require_torchvision_ops
+
+    try:
+        require_torchvision_ops()
+    except OilleakError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def friendly_errors(func: F) -> F:
     """Run a command; bad input becomes a message and exit code 2 instead of a traceback."""
 
