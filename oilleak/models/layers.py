@@ -1,0 +1,93 @@
+"""Small building blocks: weight standardisation (ConvAWS2d) and mmdet's "conv named .conv" block.
+
+Adaptive Weight Standardisation (DetectoRS, Qiao et al. 2020, built on Weight Standardisation by Qiao et al.
+2019): every output channel's kernel is standardised to zero mean and unit variance, then scaled and shifted by
+two per-channel buffers. The buffers are not trained; they exist so that a conv initialised from ordinary
+(non-standardised) weights can start out computing exactly what those weights compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Added to the per-channel variance before the square root (mmcv's value).
+WS_EPS = 1e-5
+
+
+def standardize_weight(weight: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """``gamma * (W - mean) / sqrt(var + eps) + beta`` per output channel.
+
+    weight (O, I, kh, kw); gamma, beta (O, 1, 1, 1). Statistics run over the I*kh*kw elements of each output
+    channel; the variance is the unbiased one (divides by n - 1), as in mmcv.
+    """
+    flat = weight.flatten(1)
+    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
+    std = torch.sqrt(flat.var(dim=1) + WS_EPS).view(-1, 1, 1, 1)
+    return gamma * ((weight - mean) / std) + beta
+
+
+class ConvAWS2d(nn.Conv2d):
+    """``nn.Conv2d`` that convolves with its standardised weight (see :func:`standardize_weight`).
+
+    Buffers ``weight_gamma`` (1 at init) and ``weight_beta`` (0) are saved in the state dict, as in mmdet
+    checkpoints.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias
+        )
+        self.register_buffer("weight_gamma", torch.ones(out_channels, 1, 1, 1))
+        self.register_buffer("weight_beta", torch.zeros(out_channels, 1, 1, 1))
+
+    def standardized_weight(self) -> Tensor:
+        return standardize_weight(self.weight, self.weight_gamma, self.weight_beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @torch.no_grad()
+    def match_gamma_beta_to_weight(self) -> None:
+        """Set gamma = std and beta = mean of the current weight, so the standardised weight equals it.
+
+        This is how mmdet starts a ConvAWS from ImageNet weights (which have no gamma/beta): the network
+        first computes exactly what the pretrained one computes, then trains in the standardised form.
+        """
+        flat = self.weight.flatten(1)
+        self.weight_beta.copy_(flat.mean(dim=1).view(-1, 1, 1, 1))
+        self.weight_gamma.copy_(torch.sqrt(flat.var(dim=1) + WS_EPS).view(-1, 1, 1, 1))
+
+
+class ConvBlock(nn.Module):
+    """A conv kept under the attribute ``conv``, optionally followed by ReLU.
+
+    This reproduces the state-dict layout of mmcv's ``ConvModule`` without a norm layer
+    (``...lateral_convs.0.conv.weight``), so mmdet checkpoints load without renaming, and its init:
+    Kaiming normal (fan_out, relu) weights, zero bias.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, padding: int = 0, relu: bool = True
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
+        self.relu = relu
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return F.relu(x) if self.relu else x

@@ -1,0 +1,81 @@
+"""Switchable Atrous Convolution (DetectoRS, Qiao et al. 2020, section 4).
+
+A 3x3 conv that looks at its input twice, with dilation d and 3d, and mixes the two results per pixel with a
+learned switch. Both looks are deformable convolutions whose offsets are predicted from the input; the
+large-dilation look uses the same standardised weight plus a learned difference ``weight_diff``. Global
+context is added to the input before and to the output after.
+
+    x = x + pre_context(avgpool(x))
+    a = avg_pool_5x5(reflect_pad_2(x))                       smoothed input for the switch and the offsets
+    S = switch(a)                                            (N, 1, Ho, Wo), raw: no sigmoid (mmcv)
+    out = S * deform(x, W, offset_s(a), d) + (1 - S) * deform(x, W + weight_diff, offset_l(a), 3d)
+    out = out + post_context(avgpool(out))
+
+W is the AWS-standardised weight (``layers.standardize_weight``). With the initial values (switch weight 0 and
+bias 1, everything else 0) the module equals a plain 3x3 conv with W, so it can start from ImageNet weights.
+Parameter names follow mmcv's ``SAConv2d`` so DetectoRS checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
+
+from oilleak.errors import OilleakError
+from oilleak.models.layers import ConvAWS2d
+
+# The switch and offset input is smoothed by a 5x5 average over the reflect-padded map; reflection needs
+# pad < size, so every SAC input must be at least this many pixels high and wide.
+SWITCH_PAD = 2
+MIN_INPUT_SIZE = SWITCH_PAD + 1
+
+
+class SAConv2d(ConvAWS2d):
+    """Switchable atrous 3x3 convolution with deformable offsets, no bias (as in DetectoRS' ResNet)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        self.weight_diff = nn.Parameter(self.weight.new_zeros(self.weight.shape))
+        self.switch = nn.Conv2d(in_channels, 1, 1, stride=stride)
+        self.pre_context = nn.Conv2d(in_channels, in_channels, 1)
+        self.post_context = nn.Conv2d(out_channels, out_channels, 1)
+        # 18 = (dy, dx) for each of the 3x3 taps; one offset group.
+        self.offset_s = nn.Conv2d(in_channels, 18, 3, padding=1, stride=stride)
+        self.offset_l = nn.Conv2d(in_channels, 18, 3, padding=1, stride=stride)
+        self.reset_extras()
+
+    def reset_extras(self) -> None:
+        """The identity init: switch = 1 everywhere, no context, no offsets, no weight difference."""
+        nn.init.zeros_(self.weight_diff)
+        nn.init.zeros_(self.switch.weight)
+        nn.init.ones_(self.switch.bias)
+        for conv in (self.pre_context, self.post_context, self.offset_s, self.offset_l):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
+            raise OilleakError(
+                f"switchable atrous convolution got a {x.shape[-2]}x{x.shape[-1]} feature map; it needs at least "
+                f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (a padded input image of at least 96x96 pixels for DetectoRS). "
+                "Fix: resize images to a larger scale (data.scale)."
+            )
+        x = x + self.pre_context(F.adaptive_avg_pool2d(x, 1))
+        smoothed = F.avg_pool2d(F.pad(x, (SWITCH_PAD,) * 4, mode="reflect"), kernel_size=5, stride=1)
+        switch = self.switch(smoothed)
+
+        weight = self.standardized_weight()
+        small = deform_conv2d(
+            x, self.offset_s(smoothed), weight, stride=self.stride, padding=self.padding, dilation=self.dilation
+        )
+        large = deform_conv2d(
+            x,
+            self.offset_l(smoothed),
+            weight + self.weight_diff,  # the difference is added after standardisation, unstandardised
+            stride=self.stride,
+            padding=tuple(3 * p for p in self.padding),
+            dilation=tuple(3 * d for d in self.dilation),
+        )
+        out = switch * small + (1 - switch) * large
+        return out + self.post_context(F.adaptive_avg_pool2d(out, 1))
