@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from oilleak.errors import OilleakError
+
+if TYPE_CHECKING:
+    from oilleak.data.labelme import ConvertReport
 
 app = typer.Typer(
     name="oilleak",
@@ -54,7 +58,8 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except OilleakError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            # escape: messages quote file names and labels, which may hold [brackets] rich reads as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -71,7 +76,40 @@ def convert(
     overwrite: Annotated[bool, typer.Option(help="allow writing into a non-empty OUT")] = False,
 ) -> None:
     """Convert a labelme folder into the COCO layout oilleak (and mmdetection) train on."""
-    raise OilleakError("convert is not implemented yet")
+    from oilleak.data.labelme import convert_labelme
+
+    class_list = classes.split(",") if classes is not None else None
+    report = convert_labelme(src, out, class_list, val_fraction=val_fraction, seed=seed, overwrite=overwrite)
+    _print_convert_report(report)
+
+
+def _print_convert_report(report: ConvertReport) -> None:
+    """The per-split, per-class table, then the warnings grouped by kind (a few examples of each)."""
+    from collections import defaultdict
+
+    from rich.table import Table
+
+    origin = "the sorted labels found" if report.classes_from_labels else "--classes"
+    console.print(f"classes (ids 1..{len(report.classes)}, from {origin}): {escape(', '.join(report.classes))}")
+    table = Table("split", "class", "images", "negatives", "instances", "multi-part", title="oilleak convert")
+    for split, summary in report.splits.items():
+        for name, counts in summary.classes.items():
+            table.add_row(split, escape(name), str(counts.images), "", str(counts.instances), str(counts.multipart))
+        totals = (str(summary.images), str(summary.negatives), str(summary.instances), "")
+        table.add_row(split, "[bold]all[/]", *totals, end_section=True)
+    console.print(table)
+    by_kind = defaultdict(list)
+    for warning in report.warnings:
+        by_kind[warning.kind].append(warning)
+    for kind, warnings in by_kind.items():
+        console.print(f"[yellow]warning[/] {escape(kind)}: {len(warnings)}")
+        for warning in warnings[:5]:
+            console.print(f"  {escape(str(warning))}", highlight=False)
+        if len(warnings) > 5:
+            console.print(f"  ... and {len(warnings) - 5} more")
+    if report.splits["val"].images == 0:
+        console.print("val is empty: annotations/val.json lists no images (--val-fraction 0 puts all in train)")
+    console.print(f"wrote {escape(str(report.out))}: annotations/train.json, annotations/val.json, train/, val/")
 
 
 @app.command()
