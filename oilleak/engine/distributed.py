@@ -1,0 +1,104 @@
+"""One process or many: the device, the rank, and the few collectives training needs.
+
+``torchrun --nproc_per_node N -m oilleak train ...`` starts N copies of the same command and tells each
+its place through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...). Without
+those variables training runs in one process on one device. On CUDA ranks talk over NCCL, on CPU over gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from oilleak.errors import OilleakError
+
+# Rank 0 evaluates while the others wait in a collective; a large validation set on a slow machine must
+# not trip the timeout, while a rank that died still ends the job within the hour.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(requested: str | None, local_rank: int) -> torch.device:
+    if requested not in (None, "cpu", "cuda"):
+        raise OilleakError(f"--device {requested!r}: use 'cpu' or 'cuda' (with torchrun each rank takes cuda:LOCAL_RANK)")
+    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise OilleakError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or check CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise OilleakError(
+            f"this process is local rank {local_rank} but only {count} GPU(s) are visible; "
+            f"set torchrun --nproc_per_node to at most {count} or list more GPUs in CUDA_VISIBLE_DEVICES"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def start(requested_device: str | None) -> Runtime:
+    """Read torchrun's environment (if any), pick the device and join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def stop(runtime: Runtime) -> None:
+    """Leave the process group; only after a clean, agreed end (every rank gets here)."""
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across_ranks(values: list[float], runtime: Runtime) -> list[float]:
+    if not runtime.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather(obj: Any, runtime: Runtime) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not runtime.distributed:
+        return [obj]
+    out: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj: Any, runtime: Runtime) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not runtime.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()

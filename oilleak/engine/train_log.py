@@ -1,0 +1,185 @@
+"""What a training run shows and records (rank 0 only).
+
+- a rich progress bar with ETA, current lr and loss, and a log line every ``train.log_interval`` steps;
+- ``log.jsonl`` in the work dir: one JSON object per logged step (``"type": "train"``: window means of the
+  loss terms, lr, seconds per step, peak memory) and per evaluation (``"type": "val"``: the metrics);
+- TensorBoard scalars under ``tb/``;
+- ``loss_curve.png``: the loss terms by iteration and the validation mAPs by epoch, redrawn after each
+  evaluation and at the end.
+Ranks other than 0 record nothing; the losses shown are rank 0's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+LOG_NAME = "log.jsonl"
+PLOT_NAME = "loss_curve.png"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class TrainLog:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        enabled: bool,
+        console: Console,
+        device: torch.device,
+        total_steps: int,
+        start_step: int,
+        log_interval: int,
+    ) -> None:
+        self.work_dir = work_dir
+        self.enabled = enabled
+        self.console = console
+        self.device = device
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.log_interval = log_interval
+        self._window: dict[str, list[float]] = defaultdict(list)
+        self._file = None
+        self._tb = None
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> TrainLog:
+        if not self.enabled:
+            return self
+        self._file = open(self.work_dir / LOG_NAME, "a", encoding="utf-8")  # appended to on resume
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it writes
+
+        # purge_step: after a resume, events beyond the resumed step (from the interrupted run) are dropped.
+        self._tb = SummaryWriter(str(self.work_dir / "tb"), purge_step=self.start_step or None)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step, status="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        self._progress.stop()
+        self._tb.close()
+        self._file.close()
+        self.plot()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hide the progress bar while something else draws its own (rich shows one live display at a time)."""
+        if self._progress is None:
+            yield
+            return
+        self._progress.stop()
+        try:
+            yield
+        finally:
+            self._progress.start()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def step(self, *, step: int, epoch: int, lr: float, losses: dict[str, float], seconds: float, data_seconds: float) -> None:
+        """Record step ``step`` (1-based count of steps done) of epoch ``epoch`` (1-based)."""
+        if not self.enabled:
+            return
+        for key, value in losses.items():
+            self._window[key].append(value)
+        self._window["time"].append(seconds)
+        self._window["data_time"].append(data_seconds)
+        loss = sum(v for k, v in losses.items() if "loss" in k)
+        self._progress.update(
+            self._task, completed=step, description=f"epoch {epoch}", status=f"lr {lr:.3g}  loss {loss:.4f}"
+        )
+        if step % self.log_interval and step != self.total_steps:
+            return
+        means = {k: sum(v) / len(v) for k, v in self._window.items()}
+        self._window.clear()
+        means["loss"] = sum(v for k, v in means.items() if "loss" in k)
+        record = {"type": "train", "epoch": epoch, "iter": step, "lr": lr, **means,
+                  "memory_mb": round(peak_memory_mb(self.device), 1)}
+        self._write(record)
+        for key, value in record.items():
+            if key not in ("type", "epoch", "iter"):
+                self._tb.add_scalar(f"train/{key}", value, step)
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if "loss" in k and k != "loss")
+        self.console.print(
+            f"epoch {epoch} iter {step}/{self.total_steps}  lr {lr:.4g}  loss {means['loss']:.4f}  {terms}  "
+            f"{means['time']:.2f} s/it (data {means['data_time']:.2f})  mem {record['memory_mb']:.0f} MB",
+            highlight=False, markup=False,
+        )
+
+    def evaluation(self, *, epoch: int, step: int, metrics: dict[str, float], table: Any) -> None:
+        if not self.enabled:
+            return
+        self._write({"type": "val", "epoch": epoch, "iter": step, **metrics})
+        for key, value in metrics.items():
+            self._tb.add_scalar(f"val/{key}", value, step)
+        self.console.print(table)
+        self.plot()
+
+    def plot(self) -> None:
+        """Redraw ``loss_curve.png`` from ``log.jsonl`` (all runs of this work dir, resumes included)."""
+        path = self.work_dir / LOG_NAME
+        if not path.is_file():
+            return
+        plot_curves([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()],
+                    self.work_dir / PLOT_NAME)
+
+
+def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = {r["iter"]: r for r in records if r["type"] == "train"}  # a resumed step replaces the old one
+    val = {r["epoch"]: r for r in records if r["type"] == "val"}
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps = sorted(train)
+    keys = sorted({k for r in train.values() for k in r if "loss" in k})
+    for key in keys:
+        ax_loss.plot(steps, [train[s].get(key, float("nan")) for s in steps], label=key,
+                     linewidth=2.0 if key == "loss" else 1.0)
+    ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss", yscale="log" if steps else "linear")
+    if keys:
+        ax_loss.legend(fontsize=7)
+    epochs = sorted(val)
+    for key in ("segm_mAP", "bbox_mAP", "segm_mAP_50", "bbox_mAP_50"):
+        if any(key in val[e] for e in epochs):
+            ax_map.plot(epochs, [val[e].get(key, float("nan")) for e in epochs], marker="o", label=key)
+    ax_map.set(xlabel="epoch", ylabel="mAP", title="validation", ylim=(0, 1))
+    if epochs:
+        ax_map.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out)

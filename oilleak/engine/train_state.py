@@ -1,0 +1,117 @@
+"""What a resumable checkpoint holds besides the weights, and the checkpoint files of a work dir.
+
+Work dir files (all written by rank 0, atomically):
+  epoch_{N}.pth   after epoch N (1-based) every ``train.checkpoint_interval`` epochs; the last
+                  ``train.keep_checkpoints`` are kept
+  latest.pth      the newest resumable state: an epoch checkpoint, or a mid-epoch one written when
+                  training stops early (Ctrl-C, SIGTERM, --max-iters)
+  best.pth        the epoch with the highest validation ``segm_mAP``
+The epoch, latest and best files of one moment share their bytes (hard links) where the file system
+allows, so a checkpoint is written to disk once.
+
+``train_state`` (stored in the oilleak checkpoint beside the weights): position (epoch, step, iteration),
+optimiser and AMP scaler states, the RNG states of every rank, the best metric, and the run's shape
+(world size, batch size, base lr) to warn when a resume changes it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from oilleak.config import Config
+from oilleak.models.checkpoint import save_checkpoint
+
+# Files a training writes into its work dir; a fresh training refuses a work dir that holds any of them.
+OUTPUT_NAMES = ("config.yaml", "log.jsonl", "latest.pth", "best.pth", "loss_curve.png", "tb")
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth")
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def existing_outputs(work_dir: Path) -> list[str]:
+    if not work_dir.is_dir():
+        return []
+    names = [n for n in OUTPUT_NAMES if (work_dir / n).exists()]
+    return names + sorted(p.name for p in work_dir.iterdir() if EPOCH_FILE.fullmatch(p.name))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` atomically: a hard link when possible (no second write)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class CheckpointFiles:
+    """Writes and prunes the checkpoints of one work dir (rank 0 only)."""
+
+    def __init__(self, work_dir: Path, *, keep: int) -> None:
+        self.work_dir = work_dir
+        self.keep = keep
+
+    @property
+    def latest(self) -> Path:
+        return self.work_dir / "latest.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.work_dir / "best.pth"
+
+    def save_epoch(self, epoch: int, *, model: nn.Module, config: Config, train_state: dict, is_best: bool) -> Path:
+        path = self.work_dir / f"epoch_{epoch}.pth"
+        save_checkpoint(path, model=model, config=config, extra={"train_state": train_state})
+        _link_or_copy(path, self.latest)
+        if is_best:
+            _link_or_copy(path, self.best)
+        self._prune()
+        return path
+
+    def save_latest(self, *, model: nn.Module, config: Config, train_state: dict) -> Path:
+        save_checkpoint(self.latest, model=model, config=config, extra={"train_state": train_state})
+        return self.latest
+
+    def save_best(self, *, model: nn.Module, config: Config, train_state: dict) -> Path:
+        save_checkpoint(self.best, model=model, config=config, extra={"train_state": train_state})
+        return self.best
+
+    def _prune(self) -> None:
+        epochs = sorted(
+            (int(m.group(1)), p) for p in self.work_dir.iterdir() if (m := EPOCH_FILE.fullmatch(p.name))
+        )
+        for _, path in epochs[: -self.keep]:
+            path.unlink(missing_ok=True)
