@@ -1,0 +1,166 @@
+"""Image and ground-truth transforms: resize, flip, normalise, pad, and the inverse mapping of predictions.
+
+Boxes, masks and semantic maps always move together so they stay aligned with the image tensor:
+- resize keeps the aspect ratio to fit ``scale = (long, short)``: ``s = min(long / long_edge, short / short_edge)``,
+  new size ``(int(w * s + 0.5), int(h * s + 0.5))`` and ``scale_factor = (new_w / w, new_h / h)``, as mmdetection;
+  the image is resized bilinearly (PIL, which the mmdet parity fixtures used too), masks and semantic maps by
+  nearest neighbour (source pixel ``floor(dst * src / dst_size)``, as cv2's nearest in mmdetection);
+- horizontal flip: ``x1' = W - x2``, ``x2' = W - x1``;
+- normalise: RGB, ``(x - MEAN) / STD``; padding to a multiple of 32 happens in :func:`pad_batch`, after
+  normalisation, so padded image pixels are exactly 0 and padded semantic pixels are ``SEM_IGNORE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from oilleak.errors import OilleakError
+from oilleak.structures import SEM_IGNORE, ImageMeta, Targets
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+SIZE_DIVISOR = 32
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """The image as stored, turned upright by its EXIF orientation: (H, W, 3) RGB uint8."""
+    try:
+        with Image.open(path) as raw:
+            upright = ImageOps.exif_transpose(raw)
+            return np.array(upright.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise OilleakError(
+            f"cannot read image {path}: {exc}; replace the file with a readable JPEG/PNG or remove it from the dataset"
+        ) from None
+
+
+def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """(new_w, new_h) of an image resized to fit ``scale = (long, short)`` with its aspect ratio kept."""
+    long_side, short_side = max(scale), min(scale)
+    s = min(long_side / max(width, height), short_side / min(width, height))
+    return int(width * s + 0.5), int(height * s + 0.5)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an (H, W, 3) uint8 image to ``size = (w, h)``."""
+    if (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+def resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of (..., H, W) bool/uint8 maps to ``size = (w, h)``, dtype kept."""
+    lead = maps.shape[:-2]
+    if (maps.shape[-1], maps.shape[-2]) == tuple(size):
+        return maps
+    if maps.numel() == 0:  # no instances: interpolate refuses empty inputs
+        return maps.new_zeros(*lead, size[1], size[0])
+    flat = maps.reshape(1, -1, *maps.shape[-2:]).to(torch.uint8)
+    out = F.interpolate(flat, size=(size[1], size[0]), mode="nearest")
+    return out.reshape(*lead, size[1], size[0]).to(maps.dtype)
+
+
+def normalize(image: np.ndarray) -> Tensor:
+    """(H, W, 3) RGB uint8 -> (3, H, W) float32, ``(x - MEAN) / STD``."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def padded_size(height: int, width: int) -> tuple[int, int]:
+    return -(-height // SIZE_DIVISOR) * SIZE_DIVISOR, -(-width // SIZE_DIVISOR) * SIZE_DIVISOR
+
+
+def _resize(image: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
+    height, width = image.shape[:2]
+    new_w, new_h = rescale_size(width, height, scale)
+    return resize_image(image, (new_w, new_h)), (new_w / width, new_h / height)
+
+
+def _meta(image_id: int, file_name: str, ori_hw: tuple[int, int], img_hw: tuple[int, int],
+          scale_factor: tuple[float, float], flip: bool) -> ImageMeta:
+    return ImageMeta(image_id=image_id, file_name=file_name, ori_shape=ori_hw, img_shape=img_hw,
+                     pad_shape=padded_size(*img_hw), scale_factor=scale_factor, flip=flip)
+
+
+def prepare_image(image: np.ndarray, scale: tuple[int, int], image_id: int = 0,
+                  file_name: str = "") -> tuple[Tensor, ImageMeta]:
+    """The test transform for a raw (H, W, 3) RGB uint8 image: resize to fit ``scale`` and normalise.
+
+    Returns the unpadded (3, h, w) tensor and its meta; :func:`pad_batch` pads it for the model.
+    """
+    resized, scale_factor = _resize(image, scale)
+    meta = _meta(image_id, file_name, image.shape[:2], resized.shape[:2], scale_factor, flip=False)
+    return normalize(resized), meta
+
+
+def resize_boxes(boxes: Tensor, scale_factor: tuple[float, float], img_hw: tuple[int, int]) -> Tensor:
+    """Scale (K, 4) boxes by ``scale_factor = (w, h)`` and clip them to the resized image."""
+    sx, sy = scale_factor
+    out = boxes * boxes.new_tensor([sx, sy, sx, sy])
+    out[:, 0::2] = out[:, 0::2].clamp(0, img_hw[1])
+    out[:, 1::2] = out[:, 1::2].clamp(0, img_hw[0])
+    return out
+
+
+def flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    out = boxes.clone()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+def transform_train(image: np.ndarray, targets: Targets, scale: tuple[int, int], flip: bool,
+                    image_id: int = 0, file_name: str = "") -> tuple[Tensor, ImageMeta, Targets]:
+    """The training transform: resize to fit ``scale``, optionally flip, normalise.
+
+    ``targets`` are in original image pixels (masks (K, H, W) bool, sem_seg (H, W) uint8); the returned
+    targets are in the pixels of the returned (3, h, w) tensor.
+    """
+    resized, scale_factor = _resize(image, scale)
+    img_h, img_w = resized.shape[:2]
+    boxes = resize_boxes(targets.boxes, scale_factor, (img_h, img_w))
+    masks = resize_nearest(targets.masks, (img_w, img_h))
+    sem_seg = resize_nearest(targets.sem_seg, (img_w, img_h))
+    if flip:
+        resized = resized[:, ::-1]
+        boxes = flip_boxes(boxes, img_w)
+        masks = masks.flip(-1)
+        sem_seg = sem_seg.flip(-1)
+    meta = _meta(image_id, file_name, image.shape[:2], (img_h, img_w), scale_factor, flip)
+    return normalize(resized), meta, Targets(boxes, targets.labels, masks, sem_seg)
+
+
+def pad_batch(images: list[Tensor], sem_segs: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor] | None]:
+    """Stack (3, h, w) images zero-padded bottom/right to the largest size rounded up to 32; semantic maps
+    are padded to the same size with ``SEM_IGNORE``."""
+    height, width = padded_size(max(im.shape[1] for im in images), max(im.shape[2] for im in images))
+    batch = images[0].new_zeros(len(images), 3, height, width)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    if sem_segs is None:
+        return batch, None
+    padded = []
+    for sem in sem_segs:
+        out = sem.new_full((height, width), SEM_IGNORE)
+        out[: sem.shape[0], : sem.shape[1]] = sem
+        padded.append(out)
+    return batch, padded
+
+
+def boxes_to_original(boxes: Tensor, meta: ImageMeta) -> Tensor:
+    """Map (n, 4) boxes from input-tensor pixels back to the original image: undo the flip, divide by
+    ``scale_factor`` and clip to ``ori_shape``."""
+    out = flip_boxes(boxes, meta.img_shape[1]) if meta.flip else boxes.clone()
+    sx, sy = meta.scale_factor
+    out = out / out.new_tensor([sx, sy, sx, sy])
+    out[:, 0::2] = out[:, 0::2].clamp(0, meta.ori_shape[1])
+    out[:, 1::2] = out[:, 1::2].clamp(0, meta.ori_shape[0])
+    return out
