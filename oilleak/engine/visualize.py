@@ -91,3 +91,26 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: tuple[str, str] = 
 
 def save_image(image: np.ndarray, path) -> None:
     Image.fromarray(image).save(path)
+
+
+def paint_mask_crops(
+    image: np.ndarray,
+    crops: Sequence[np.ndarray],
+    origins: Sequence[tuple[int, int]],
+    labels: Sequence[int],
+    num_classes: int,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Like the mask part of :func:`draw_instances`, for masks given as crops (h, w) bool at (x, y) origins,
+    so a very large image never needs a full-size array per instance. Draw boxes and captions after it
+    with ``draw_instances(..., masks=None)``."""
+    out = image.copy()
+    colours = palette(num_classes)
+    for crop, (x, y), label in zip(crops, origins, labels):
+        h, w = crop.shape
+        region = out[y : y + h, x : x + w]
+        colour = np.array(colours[int(label)], np.float32)
+        blended = region[crop].astype(np.float32) * (1 - alpha) + colour * alpha
+        region[crop] = blended.clip(0, 255).astype(np.uint8)
+        region[_outline(np.pad(crop, 1))[1:-1, 1:-1]] = colours[int(label)]  # padded: crop edges are mask edges
+    return out

@@ -1,0 +1,235 @@
+"""Batch prediction over image files, folders and globs (`oilleak predict`).
+
+Nothing the user has is overwritten: everything goes into a fresh output folder (``predictions/``, or
+``predictions-2/``, ``-3``, ... when it already holds files), and two inputs that would get the same output
+name (``a/img.jpg`` and ``b/img.jpg``, or ``img.jpg`` and ``img.png``) get ``img`` and ``img-2``; the
+summary lists which file each name came from. An image that cannot be read is reported and skipped; the
+run goes on. The files written are described in :mod:`oilleak.engine.prediction_files`.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from oilleak.config import Config
+from oilleak.engine import prediction_files as files
+from oilleak.engine.instances import Instance, instances_from_detections, mask_polygons
+from oilleak.engine.progress import progress_bar
+from oilleak.engine.tiling import predict_tiled
+from oilleak.errors import OilleakError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Source:
+    path: Path
+    name: str  # output name, unique in the run: relative path inside its input folder, without extension
+
+
+@dataclass
+class PredictReport:
+    out_dir: Path
+    processed: int = 0
+    instances: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _inside(path: Path, folders: list[Path]) -> bool:
+    parents = path.resolve().parents
+    return any(folder.resolve() in parents for folder in folders)
+
+
+def output_folders(out_dir: Path) -> list[Path]:
+    """``out_dir`` and its numbered siblings (``out_dir-2``, ...): where earlier runs wrote."""
+    siblings = out_dir.parent.glob(f"{glob.escape(out_dir.name)}-*") if out_dir.parent.is_dir() else []
+    return [out_dir, *(p for p in siblings if p.name[len(out_dir.name) + 1 :].isdigit())]
+
+
+def find_images(inputs: list[str], exclude: list[Path] | tuple[Path, ...] = ()) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Image files named directly, found (recursively) in folders, or matched by globs.
+
+    Returns the sources with unique output names and the inputs that gave nothing, with why. Files found in
+    a folder or by a glob under ``exclude`` (output folders) are skipped: a rerun never predicts overlays.
+    """
+    found: list[tuple[Path, str]] = []
+    problems: list[tuple[str, str]] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            matches = [p for p in matches if not _inside(p, exclude)]
+            found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in matches]
+            if not matches:
+                problems.append((text, f"no image ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"))
+        elif path.is_file():
+            found.append((path, path.stem))  # named explicitly: tried whatever its extension
+        elif _is_glob(text):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            matches = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _inside(p, exclude)]
+            found += [(p, p.stem) for p in matches]
+            if not matches:
+                problems.append((text, "the pattern matches no image file"))
+        else:
+            problems.append((text, "no such file or folder"))
+    return _unique_names(found), problems
+
+
+def _unique_names(found: list[tuple[Path, str]]) -> list[Source]:
+    seen_paths: set[Path] = set()
+    taken: set[str] = set()
+    sources = []
+    for path, name in found:
+        resolved = path.resolve()
+        if resolved in seen_paths:  # the same file reached through two inputs
+            continue
+        seen_paths.add(resolved)
+        unique, n = name, 1
+        while unique.lower() in taken:  # lower(): names must not clash on case-insensitive file systems either
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique.lower())
+        sources.append(Source(path, unique))
+    return sources
+
+
+def fresh_dir(path: Path) -> Path:
+    """``path`` if it is missing or empty, else the first of ``path-2``, ``path-3``, ... that is."""
+    candidate, n = path, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OilleakError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OilleakError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+class Predictor:
+    """An image (RGB uint8, any size) -> its instances at or above ``score_thr``, in its pixels."""
+
+    def __init__(self, model: nn.Module, config: Config, device: torch.device, score_thr: float):
+        self.model = model.to(device).eval()
+        self.scale = tuple(config.data.scale)
+        self.device = device
+        self.score_thr = score_thr
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> list[Instance]:
+        from oilleak.data.transforms import pad_batch, prepare_image
+
+        tensor, meta = prepare_image(image, self.scale)
+        batch, _ = pad_batch([tensor])
+        dets = self.model(batch.to(self.device), [meta])[0]
+        return instances_from_detections(dets, self.score_thr)
+
+
+def predict_images(
+    predict: Callable[[np.ndarray], list[Instance]],
+    sources: list[Source],
+    out_dir: Path,
+    class_names: list[str],
+    *,
+    score_thr: float,
+    tile: int | None = None,
+    save_labelme: bool = False,
+    progress: bool = True,
+    failures: list[tuple[str, str]] | None = None,
+) -> PredictReport:
+    """Predict every source and write its files (module docstring); ``failures`` are listed in the summary."""
+    from oilleak.data.transforms import load_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = PredictReport(out_dir, failures=list(failures or []))
+    summary = files.SummaryCsv(out_dir / "summary.csv", class_names)
+    for text, reason in report.failures:
+        summary.failed(text, "", reason)
+    try:
+        with progress_bar(progress, len(sources), "predicting") as advance:
+            for source in sources:
+                try:
+                    image = load_image(source.path)
+                    instances = predict_tiled(image, predict, tile) if tile else predict(image)
+                except (OilleakError, torch.OutOfMemoryError) as exc:
+                    reason = str(exc).splitlines()[0]
+                    if isinstance(exc, torch.OutOfMemoryError):
+                        reason = f"out of memory ({reason[:80]}); try --tile 1333 or --device cpu"
+                    report.failures.append((str(source.path), reason))
+                    summary.failed(str(source.path), source.name, reason)
+                    advance(1)
+                    continue
+                _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
+                height, width = image.shape[:2]
+                summary.ok(str(source.path), source.name, height, width, instances)
+                report.processed += 1
+                report.instances += len(instances)
+                advance(1)
+    finally:
+        summary.close()
+    return report
+
+
+def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: list[Instance],
+                   class_names: list[str], score_thr: float, save_labelme: bool) -> None:
+    height, width = image.shape[:2]
+    polygons = [mask_polygons(inst) for inst in instances]
+    files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names)
+    record = files.instances_record(str(source.path), height, width, instances, polygons, class_names, score_thr)
+    files.write_json(out_dir / "instances" / f"{source.name}.json", record)
+    if save_labelme:
+        files.write_labelme(out_dir / "labelme" / f"{source.name}.json", source.path, height, width, instances,
+                            polygons, class_names)
+
+
+def run_predict(
+    ckpt: Path,
+    inputs: list[str],
+    *,
+    out_dir: Path = Path("predictions"),
+    score_thr: float | None = None,
+    tile: int | None = None,
+    save_labelme: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> PredictReport:
+    """`oilleak predict`: the model of an oilleak checkpoint over the inputs. Raises OilleakError when no
+    image at all could be predicted (nothing found, or every one unreadable)."""
+    from oilleak.models.checkpoint import model_from_checkpoint
+
+    if tile is not None and tile < 64:
+        raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
+    dev = resolve_device(device)
+    sources, problems = find_images(inputs, exclude=output_folders(out_dir))
+    out_dir = fresh_dir(out_dir)
+    if not sources:
+        listed = "; ".join(f"{text}: {why}" for text, why in problems)
+        raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")
+    model, config = model_from_checkpoint(ckpt, dev)
+    thr = config.predict.score_thr if score_thr is None else score_thr
+    predictor = Predictor(model, config, dev, thr)
+    report = predict_images(predictor, sources, out_dir, list(config.data.classes), score_thr=thr, tile=tile,
+                            save_labelme=save_labelme, progress=progress, failures=problems)
+    if report.processed == 0:
+        listed = "\n".join(f"  {text}: {why}" for text, why in report.failures)
+        raise OilleakError(f"no image could be predicted:\n{listed}\n(summary in {out_dir / 'summary.csv'})")
+    return report
