@@ -18,6 +18,7 @@ Parameter names follow mmcv's ``SAConv2d`` so DetectoRS checkpoints load unchang
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
@@ -65,13 +66,18 @@ class SAConv2d(ConvAWS2d):
         smoothed = F.avg_pool2d(F.pad(x, (SWITCH_PAD,) * 4, mode="reflect"), kernel_size=5, stride=1)
         switch = self.switch(smoothed)
 
+        offset_s, offset_l = self.offset_s(smoothed), self.offset_l(smoothed)
+        if not offset_s.is_cuda and (torch.isnan(offset_s).any() or torch.isnan(offset_l).any()):
+            # torchvision's CPU deform_conv2d indexes memory with floor(NaN) and crashes the process
+            raise FloatingPointError(
+                "NaN reached the offsets of a switchable atrous convolution: the weights or the input hold NaN "
+                "(did training diverge? lower the learning rate or enable gradient clipping)"
+            )
         weight = self.standardized_weight()
-        small = deform_conv2d(
-            x, self.offset_s(smoothed), weight, stride=self.stride, padding=self.padding, dilation=self.dilation
-        )
+        small = deform_conv2d(x, offset_s, weight, stride=self.stride, padding=self.padding, dilation=self.dilation)
         large = deform_conv2d(
             x,
-            self.offset_l(smoothed),
+            offset_l,
             weight + self.weight_diff,  # the difference is added after standardisation, unstandardised
             stride=self.stride,
             padding=tuple(3 * p for p in self.padding),
