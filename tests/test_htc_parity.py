@@ -1,0 +1,180 @@
+"""The HTC RoI head against mmdet 3.3.0 (the parity fixtures), independent of the backbone: the fixture's
+neck outputs are the features, its RPN test proposals the proposals, its ``roi_head.*`` weights loaded
+strictly, the head built from its ``model_config``. Loss mode needs the RPN's TRAINING proposals, which
+the fixture does not store: the RPN head (``rpn_head.*`` weights) makes them from the same features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from oilleak.models.htc import HybridTaskCascadeRoIHead, roi_head_from_mmdet
+from oilleak.models.rpn import AnchorGenerator, ProposalSettings, RPNHead, RPNTrainSettings
+from oilleak.structures import ImageMeta, Targets
+
+FIXTURES = ["detectors_htc_small.pt", "htc_small.pt"]
+REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def fixture(request, fixtures_dir):
+    return torch.load(fixtures_dir / request.param, weights_only=True)
+
+
+def _weights(fx: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in fx["state_dict"].items() if k.startswith(prefix)}
+
+
+def _head(fx: dict, train_cfg: list[dict] | None = None) -> HybridTaskCascadeRoIHead:
+    cfg = fx["model_config"]
+    head = roi_head_from_mmdet(
+        cfg["roi_head"],
+        train_cfg=train_cfg or cfg["train_cfg"]["rcnn"],
+        test_cfg=cfg["test_cfg"]["rcnn"],
+        mask_merge="last",  # what mmdet 3.3 does
+    )
+    head.load_state_dict(_weights(fx, "roi_head."), strict=True)
+    return head.eval()
+
+
+def _meta(fx: dict) -> ImageMeta:
+    m = fx["inputs"]["img_meta"]
+    return ImageMeta(
+        image_id=0,
+        file_name=fx["inputs"]["image_file"],
+        ori_shape=tuple(m["ori_shape"]),
+        img_shape=tuple(m["img_shape"]),
+        pad_shape=tuple(m["pad_shape"]),
+        scale_factor=tuple(m["scale_factor"]),
+    )
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert ours.shape == ref.shape, what
+    rel = float((ours - ref).abs().max() / ref.abs().max())
+    assert rel <= REL_TOL, f"{what}: max abs diff / max abs value = {rel:.2e}"
+
+
+def _match(ours: dict, ref: dict) -> list[tuple[int, int]]:
+    """One-to-one pairs (ours, ref): same label, box IoU >= 0.999, |score diff| <= 1e-4, best IoU first."""
+    if len(ours["labels"]) == 0 or len(ref["labels"]) == 0:
+        return []
+    iou = box_iou(ref["bboxes"].double(), ours["boxes"].double())
+    ok = (
+        (ref["labels"][:, None] == ours["labels"][None])
+        & (iou >= 0.999)
+        & ((ref["scores"][:, None] - ours["scores"][None]).abs() <= 1e-4)
+    )
+    pairs, taken = [], set()
+    for r in range(len(ref["labels"])):
+        candidates = [int(o) for o in ok[r].nonzero().flatten() if int(o) not in taken]
+        if candidates:
+            best = max(candidates, key=lambda o: float(iou[r, o]))
+            taken.add(best)
+            pairs.append((best, r))
+    return pairs
+
+
+def _assert_matched(pairs: list, n_ours: int, n_ref: int, what: str) -> None:
+    assert n_ref > 0, f"{what}: the fixture has no detections to compare with"
+    assert len(pairs) >= 0.99 * n_ref and len(pairs) >= 0.99 * n_ours, (
+        f"{what}: {len(pairs)} matched of {n_ours} ours / {n_ref} mmdet"
+    )
+
+
+def test_semantic_head_matches_mmdet(fixture):
+    out = fixture["outputs"]
+    with torch.no_grad():
+        pred, feat = _head(fixture).semantic_head(out["neck"])
+    _assert_close(pred, out["semantic_pred"], "semantic_pred")
+    _assert_close(feat, out["semantic_feat"], "semantic_feat")
+
+
+def test_box_cascade_matches_mmdet(fixture):
+    out, head = fixture["outputs"], _head(fixture)
+    with torch.no_grad():
+        _, semantic_feat = head.semantic_head(out["neck"])
+        cascade = head.box_cascade(out["neck"], semantic_feat, [out["proposals"][:, :4]], [_meta(fixture)])
+    for stage in range(head.num_stages):
+        _assert_close(cascade.cls[stage], out["stage_cls"][stage], f"stage {stage} cls")
+        _assert_close(cascade.reg[stage], out["stage_reg"][stage], f"stage {stage} reg")
+
+
+def test_mask_cascade_matches_mmdet_on_its_detections(fixture):
+    out, head = fixture["outputs"], _head(fixture)
+    with torch.no_grad():
+        _, semantic_feat = head.semantic_head(out["neck"])
+        logits = head.mask_cascade(out["neck"], semantic_feat, [out["dets_input_scale"]["bboxes"]])
+    for stage in range(head.num_stages):
+        _assert_close(logits[stage], out["mask_logits"][stage], f"stage {stage} mask logits")
+
+
+def test_detections_and_masks_match_mmdet(fixture):
+    out, head, meta = fixture["outputs"], _head(fixture), _meta(fixture)
+    with torch.no_grad():
+        _, semantic_feat = head.semantic_head(out["neck"])
+        cascade = head.box_cascade(out["neck"], semantic_feat, [out["proposals"][:, :4]], [meta])
+        before_masks = head.detect(cascade, [meta])[0]
+        dets = head.predict(out["neck"], [out["proposals"]], [meta], rescale=True)[0]
+
+    ref = out["dets_input_scale"]
+    ours = {"boxes": before_masks.boxes, "scores": before_masks.scores, "labels": before_masks.labels}
+    _assert_matched(_match(ours, ref), len(before_masks.scores), len(ref["scores"]), "dets_input_scale")
+
+    ref = out["dets"]
+    pairs = _match({"boxes": dets.boxes, "scores": dets.scores, "labels": dets.labels}, ref)
+    _assert_matched(pairs, len(dets), len(ref["scores"]), "dets")
+    assert dets.masks.dtype == torch.bool and dets.masks.shape == (len(dets), *meta.ori_shape)
+    ref_rles = [{"size": r["size"], "counts": r["counts"].encode()} for r in ref["masks_rle"]]
+    our_rles = mask_utils.encode(np.asfortranarray(dets.masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    assert sum(mask_utils.area(ref_rles)) > 0, "the fixture's masks are all empty: nothing to compare"
+    for o, r in pairs:
+        if mask_utils.area(our_rles[o]) == 0 and mask_utils.area(ref_rles[r]) == 0:
+            continue
+        iou = mask_utils.iou([our_rles[o]], [ref_rles[r]], [0])[0, 0]
+        assert iou >= 0.99, f"mask of detection {r}: IoU {iou:.4f} with mmdet's"
+
+
+def _rpn_head(fx: dict) -> RPNHead:
+    cfg, train = fx["model_config"], fx["loss_train_cfg"]
+
+    def settings(c: dict) -> ProposalSettings:
+        return ProposalSettings(
+            nms_pre=c["nms_pre"], max_per_img=c["max_per_img"], nms_iou=c["nms"]["iou_threshold"], min_bbox_size=c["min_bbox_size"]
+        )
+
+    rpn, anchors = cfg["rpn_head"], cfg["rpn_head"]["anchor_generator"]
+    head = RPNHead(
+        in_channels=rpn["in_channels"],
+        feat_channels=rpn["feat_channels"],
+        anchor_generator=AnchorGenerator(
+            strides=tuple(anchors["strides"]), ratios=tuple(anchors["ratios"]), scales=tuple(anchors["scales"])
+        ),
+        train_settings=RPNTrainSettings(),  # the RPN's own loss is not tested here
+        train_proposals=settings(train["rpn_proposal"]),
+        test_proposals=settings(cfg["test_cfg"]["rpn"]),
+    )
+    head.load_state_dict(_weights(fx, "rpn_head."), strict=True)
+    return head.eval()
+
+
+def test_losses_match_mmdet(fixture):
+    feats, meta, gt = fixture["outputs"]["neck"], _meta(fixture), fixture["loss_inputs"]
+    rpn = _rpn_head(fixture)
+    with torch.no_grad():
+        proposals = rpn.proposals(*rpn(feats), [meta], training=True)
+    targets = Targets(
+        boxes=gt["gt_bboxes"], labels=gt["gt_labels"], masks=gt["gt_masks"], sem_seg=gt["gt_sem_seg_padded"][0].to(torch.uint8)
+    )
+    # the fixture's samplers take every candidate (num 1e7), so its losses are deterministic
+    head = _head(fixture, train_cfg=fixture["loss_train_cfg"]["rcnn"]).train()
+    losses = head.loss(feats, proposals, [meta], [targets])
+
+    expected = {k: v for k, v in fixture["losses"].items() if not k.startswith("loss_rpn")}
+    assert set(losses) == set(expected)
+    for name, ref in expected.items():
+        value = float(losses[name].detach())
+        assert abs(value - ref) <= REL_TOL * abs(ref), f"{name}: ours {value:.7g}, mmdet {ref:.7g}"
