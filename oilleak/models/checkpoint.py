@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch import nn
 import oilleak
 from oilleak.config import Config, ConfigError, config_from_dict
 from oilleak.errors import OilleakError
+from oilleak.models.layers import ConvAWS2d
 
 FORMAT = "oilleak/1"
 
@@ -112,3 +116,165 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------
+# weight import: mmdetection checkpoints, bare state dicts, torchvision ImageNet ResNets
+
+# Differences between a checkpoint and the model that are normal, with the reason shown in the report.
+EXPECTED_DIFFERENCES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "class-dependent layer: its shape follows the number of classes, so it keeps its initial values",
+        re.compile(r"(^|\.)(bbox_head\.\d+\.fc_cls|mask_head\.\d+\.conv_logits|semantic_head\.conv_logits)\.(weight|bias)$"),
+    ),
+    ("torchvision's ImageNet classifier, not part of a detector", re.compile(r"^fc\.(weight|bias)$")),
+    (
+        "DetectoRS part absent from ImageNet / plain ResNet weights; keeps its initial values",
+        re.compile(r"\.conv2\.(weight_diff|(switch|pre_context|post_context|offset_s|offset_l)\.(weight|bias))$|\.rfp_conv\.(weight|bias)$"),
+    ),
+    (
+        "HTC mask / semantic head, absent from (Cascade R-CNN) checkpoints without it; keeps its initial values",
+        re.compile(r"^roi_head\.(mask_head|semantic_head)\."),
+    ),
+)
+
+
+@dataclass
+class LoadReport:
+    """What loading a weight file did to each tensor of the model, for printing and checking.
+
+    loaded: keys copied with an exact shape. skipped: (key, checkpoint shape, model shape) of keys whose shapes
+    differ; the model keeps its value. missing: model keys the file lacks (kept initialised). unexpected: file
+    keys the model lacks (ignored). derived: ConvAWS ``weight_gamma``/``weight_beta`` the file lacks, computed
+    from the loaded weight so that the standardised conv equals it (as mmdet does for ImageNet weights).
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    derived: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def reason(key: str) -> str | None:
+        """Why a difference at ``key`` is expected (see EXPECTED_DIFFERENCES), or None."""
+        return next((reason for reason, pattern in EXPECTED_DIFFERENCES if pattern.search(key)), None)
+
+    def unexplained(self) -> dict[str, list[str]]:
+        """The skipped / missing / unexpected keys that no expected difference explains."""
+        groups = {"skipped": [k for k, _, _ in self.skipped], "missing": self.missing, "unexpected": self.unexpected}
+        return {name: [k for k in keys if self.reason(k) is None] for name, keys in groups.items()}
+
+    def format(self, max_lines: int = 20) -> str:
+        lines = [
+            f"weights from {self.source}: {len(self.loaded)} tensors loaded, {len(self.skipped)} skipped (shape "
+            f"differs), {len(self.missing)} missing (kept initialised), {len(self.unexpected)} unexpected (ignored)"
+            + (f", gamma/beta of {len(self.derived) // 2} ConvAWS convs derived from their weights" if self.derived else "")
+        ]
+        shapes = {k: f"checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.skipped}
+        groups = {"skipped": list(shapes), "missing": self.missing, "unexpected": self.unexpected}
+        for name, keys in groups.items():
+            by_reason: dict[str, list[str]] = {}
+            for key in keys:
+                by_reason.setdefault(self.reason(key) or "", []).append(key)
+            for reason, group in by_reason.items():
+                if reason:  # expected: one summary line
+                    examples = ", ".join(group[:2]) + (", ..." if len(group) > 2 else "")
+                    lines.append(f"  {name} {len(group)} (expected: {reason}): {examples}")
+                    continue
+                for key in group[:max_lines]:
+                    lines.append(f"  {name} {key}" + (f": {shapes[key]}" if key in shapes else "") + "  <- unexpected difference")
+                if len(group) > max_lines:
+                    lines.append(f"  ... and {len(group) - max_lines} more {name} keys")
+        return "\n".join(lines)
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:
+    """Load every tensor of an oilleak checkpoint, an mmdet checkpoint or a bare state dict whose key and shape
+    match ``model``; return what happened (nothing is loaded under another name or shape).
+
+    ``source``: a file path or an already loaded dict. ``module.`` prefixes (DataParallel) are stripped.
+    Class-dependent layers of another class count are skipped and keep their initial values, as are keys the
+    file lacks (e.g. HTC's mask and semantic heads when loading a DetectoRS Cascade R-CNN checkpoint).
+    """
+    name = str(source) if isinstance(source, (str, Path)) else "<state dict>"
+    obj = read_checkpoint_file(source) if isinstance(source, (str, Path)) else source
+    state = _state_dict_of(obj, name)
+    return _load_matching(model, state, name)
+
+
+def load_torchvision_resnet(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load torchvision's ImageNet ResNet (``resnet50-*.pth``) into every ResNet of ``model``.
+
+    ``model`` is a detector (its ``backbone.`` and, for DetectoRS, ``neck.rfp_modules.{k}.``) or a bare ResNet.
+    ConvAWS gamma/beta are derived from the loaded weights and SAC extras / ``rfp_conv`` keep their identity
+    init, so each ResNet computes exactly what torchvision's does. The report covers the ResNets only.
+    """
+    state = _state_dict_of(read_checkpoint_file(path), str(path))
+    if "conv1.weight" not in state or "layer1.0.conv1.weight" not in state:
+        raise OilleakError(
+            f"{path} is not a torchvision ResNet state dict (no 'conv1.weight' / 'layer1.0.conv1.weight'); "
+            "pass torchvision's ImageNet file such as resnet50-0676ba61.pth, or use load_weights for detector checkpoints"
+        )
+    own = model.state_dict()
+    prefixes = [m.group(1) for k in own if (m := re.fullmatch(r"(backbone\.|neck\.rfp_modules\.\d+\.)conv1\.weight", k))]
+    if not prefixes and "conv1.weight" in own:
+        prefixes = [""]
+    if not prefixes:
+        raise OilleakError(f"the model has no ResNet (no 'backbone.conv1.weight') to load {path} into")
+    classifier = {k: v for k, v in state.items() if k.startswith("fc.")}
+    prefixed = {p + k: v for p in prefixes for k, v in state.items() if k not in classifier}
+    report = _load_matching(model, prefixed, str(path), scope=tuple(prefixes))
+    report.unexpected += list(classifier)
+    return report
+
+
+def _state_dict_of(obj: Mapping[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The weights inside an oilleak / mmdet checkpoint or a bare state dict, ``module.`` prefixes removed."""
+    if obj.get("format") == FORMAT or isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # oilleak, or mmdet {'meta', 'state_dict', 'optimizer'?}
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise OilleakError(
+            f"{name} holds no state dict: entries such as {not_tensors[:3]} are not tensors. Expected an oilleak "
+            "checkpoint, an mmdetection checkpoint ({'state_dict': ...}) or a bare state dict"
+        )
+    state = {}
+    for key, value in obj.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        state[key] = value
+    return state
+
+
+def _load_matching(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, scope: tuple[str, ...] = ("",)
+) -> LoadReport:
+    """Copy the tensors of ``state`` whose key and shape match; report the rest. ``scope``: the key prefixes
+    of the model that the file is meant to fill (missing keys are counted only there)."""
+    own = model.state_dict()
+    report = LoadReport(source)
+    matching = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif value.shape != own[key].shape:
+            report.skipped.append((key, tuple(value.shape), tuple(own[key].shape)))
+        elif value.is_floating_point() != own[key].is_floating_point():
+            raise OilleakError(f"{source}: '{key}' is {value.dtype} but the model holds {own[key].dtype} there")
+        else:
+            matching[key] = value
+    result = model.load_state_dict(matching, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # every key was checked above
+    report.loaded = list(matching)
+
+    for name, module in model.named_modules():
+        if isinstance(module, ConvAWS2d) and f"{name}.weight" in matching:
+            buffers = {f"{name}.weight_gamma", f"{name}.weight_beta"}
+            if not buffers & state.keys():
+                module.match_gamma_beta_to_weight()
+                report.derived += sorted(buffers)
+    derived = set(report.derived)
+    report.missing = [k for k in own if k not in state and k not in derived and k.startswith(scope)]
+    return report
