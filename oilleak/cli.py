@@ -119,8 +119,22 @@ def check(
     gallery: Annotated[Optional[Path], typer.Option(help="write a few images with ground truth drawn")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Check a dataset before training: classes, images, boxes, masks, semantic maps."""
-    raise OilleakError("check is not implemented yet")
+    """Check a dataset before training: classes, images, boxes, masks, semantic maps.
+
+    Exit code 0 when the data can be trained on (warnings allowed), 2 when it cannot."""
+    from oilleak.config import load_config
+    from oilleak.data.coco import check_dataset
+
+    cfg = load_config(config, set_ or [])
+    report = check_dataset(cfg.data, config_name=str(config))
+    console.print(report.format(), markup=False, highlight=False, soft_wrap=True)
+    if gallery is not None:
+        from oilleak.engine.gallery import write_gallery
+
+        written = write_gallery(report, gallery)
+        console.print(f"gallery: {len(written)} images written to {gallery}", markup=False, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(2)
 
 
 if __name__ == "__main__":
