@@ -19,7 +19,7 @@ CHANNELS, CLASSES = 8, 3
 PAD_H, PAD_W = 64, 96  # padded input; pyramid strides 4..64
 
 
-def _tiny_head(mask_merge: str = "mean") -> HybridTaskCascadeRoIHead:
+def _tiny_head(mask_merge: str = "mean", samples_per_image: int = 64) -> HybridTaskCascadeRoIHead:
     torch.manual_seed(0)
     thresholds = (0.5, 0.6, 0.7)
     return HybridTaskCascadeRoIHead(
@@ -33,13 +33,13 @@ def _tiny_head(mask_merge: str = "mean") -> HybridTaskCascadeRoIHead:
         ],
         semantic_head=FusedSemanticHead(num_classes=CLASSES + 1, in_channels=CHANNELS, conv_out_channels=CHANNELS),
         assigners=[MaxIoUAssigner(pos_iou_thr=t, neg_iou_thr=t, min_pos_iou=t) for t in thresholds],
-        samplers=[RandomSampler(num=64, pos_fraction=0.25, add_gt_as_proposals=True) for _ in thresholds],
+        samplers=[RandomSampler(num=samples_per_image, pos_fraction=0.25, add_gt_as_proposals=True) for _ in thresholds],
         mask_merge=mask_merge,
     )
 
 
-def _feats() -> list[torch.Tensor]:
-    torch.manual_seed(1)
+def _feats(seed: int = 1) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
     return [torch.randn(1, CHANNELS, math.ceil(PAD_H / s), math.ceil(PAD_W / s)) for s in (4, 8, 16, 32, 64)]
 
 
@@ -49,8 +49,8 @@ def _meta(ori_shape: tuple[int, int] = (120, 180)) -> ImageMeta:
     )
 
 
-def _random_boxes(n: int) -> torch.Tensor:
-    torch.manual_seed(2)
+def _random_boxes(n: int, seed: int = 2) -> torch.Tensor:
+    torch.manual_seed(seed)
     xy = torch.rand(n, 2) * torch.tensor([60.0, 40.0])
     wh = 4 + torch.rand(n, 2) * 25
     return torch.cat([xy, xy + wh], dim=1)
@@ -104,6 +104,45 @@ def test_stage_weights_and_keys():
     # mask information flow: stage 2's mask loss reaches mask head 0
     losses["s2.loss_mask"].backward()
     assert head.mask_head[0].convs[0].conv.weight.grad.abs().sum() > 0
+
+
+def _targets_with_two_objects(boxes: torch.Tensor) -> Targets:
+    masks = torch.zeros(2, 60, 90, dtype=torch.bool)
+    masks[0, 5:30, 10:40] = True
+    masks[1, 20:50, 30:80] = True
+    return Targets(
+        boxes=boxes[:2] + 1.5, labels=torch.tensor([0, 2]), masks=masks, sem_seg=torch.ones(PAD_H, PAD_W, dtype=torch.uint8)
+    )
+
+
+def test_a_batch_of_two_images_equals_the_images_one_by_one():
+    # RoIs, samples and refined boxes must stay with their image. Losses are means over the batch's RoIs:
+    # with every candidate sampled and equal positive / negative thresholds, image i contributes
+    # n_i proposals + its ground truths to every stage.
+    head = _tiny_head(samples_per_image=10**7).train()
+    feats = [_feats(seed=1), _feats(seed=5)]
+    boxes = [_random_boxes(40, seed=2), _random_boxes(25, seed=6)]
+    targets = [_targets_with_two_objects(b) for b in boxes]
+    singles = [head.loss(f, [b], [_meta()], [t]) for f, b, t in zip(feats, boxes, targets)]
+    batch_feats = [torch.cat(levels) for levels in zip(*feats)]
+    pair = head.loss(batch_feats, boxes, [_meta(), _meta()], targets)
+    rois = [len(b) + len(t.boxes) for b, t in zip(boxes, targets)]
+    for name, value in pair.items():
+        if "loss_mask" in name:  # averaged over positives, whose numbers the test does not know
+            low, high = sorted(s[name].item() for s in singles)
+            assert low - 1e-6 <= value.item() <= high + 1e-6, name
+            continue
+        weights = rois if name.startswith("s") else [1, 1]
+        expected = sum(w * s[name].item() for w, s in zip(weights, singles)) / sum(weights)
+        assert value.item() == pytest.approx(expected, rel=1e-5, abs=1e-7), name
+
+    head.eval()
+    both = head.predict(batch_feats, boxes, [_meta(), _meta()])
+    for f, b, dets in zip(feats, boxes, both):
+        alone = head.predict(f, [b], [_meta()])[0]
+        assert len(alone) > 0
+        assert torch.allclose(dets.boxes, alone.boxes, atol=1e-4) and torch.equal(dets.labels, alone.labels)
+        assert torch.equal(dets.masks, alone.masks)
 
 
 def test_no_proposals_at_test_time_give_empty_detections():

@@ -373,8 +373,10 @@ def roi_head_from_mmdet(
     """Build the head from mmdet's ``model.roi_head`` dict, ``model.train_cfg.rcnn`` (one dict per stage) and
     ``model.test_cfg.rcnn``; channels, classes, sizes and thresholds all come from the dicts."""
     where = "model.roi_head"
-    for key, expected in (("interleaved", True), ("mask_info_flow", True), ("semantic_fusion", ("bbox", "mask"))):
-        _option({k: tuple(v) if isinstance(v, list) else v for k, v in roi_head.items()}, key, expected, where)
+    _option(roi_head, "interleaved", True, where)
+    _option(roi_head, "mask_info_flow", True, where)
+    if tuple(roi_head.get("semantic_fusion", ("bbox", "mask"))) != ("bbox", "mask"):
+        raise OilleakError(f"{where}.semantic_fusion must be ('bbox', 'mask') (oilleak fuses both); remove the key")
     if "semantic_head" not in roi_head:
         raise OilleakError(f"{where} has no semantic_head: oilleak's HTC always has the semantic branch; add one")
     bbox_heads = []
