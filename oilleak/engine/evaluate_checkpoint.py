@@ -1,0 +1,229 @@
+"""`oilleak test CONFIG CKPT`: evaluate a checkpoint on a split of the config's data.
+
+Writes, in a new folder ``WORK_DIR/test-YYYYmmdd-HHMMSS/``: metrics.json, per_class.csv, report.md,
+pr_curves_{bbox,segm}.png and confusion_matrix.png. Optionally ``--out`` (all detections: COCO results
+JSON or a pickle) and ``--show-dir`` (ground truth beside prediction for every image). Existing files are
+never overwritten unless ``overwrite`` is set: the check happens before the (long) evaluation starts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from torch import nn
+
+from oilleak.config import Config
+from oilleak.engine.confusion import confusion_matrix
+from oilleak.engine.eval_report import write_reports
+from oilleak.engine.evaluate import EvalResult, ImageResult, coco_evaluate, predict_dataset
+from oilleak.engine.plots import plot_confusion_matrix, plot_pr_curves
+from oilleak.engine.progress import progress_bar
+from oilleak.engine.visualize import draw_instances, save_image, side_by_side
+from oilleak.errors import OilleakError
+
+OUT_SUFFIXES = (".json", ".pkl")
+
+
+@dataclass
+class TestOutcome:
+    result: EvalResult
+    report_dir: Path
+    written: list[Path] = field(default_factory=list)
+    load_note: str = ""  # the weight-load report of an mmdetection checkpoint
+
+
+def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
+    """The model the config describes with the checkpoint's weights, and a note on how they were loaded.
+
+    An oilleak checkpoint must have been trained on the config's classes (same names, same order) and
+    preset; an mmdetection checkpoint is loaded tensor by tensor with a report (``load_weights``).
+    """
+    from oilleak.models.checkpoint import FORMAT, config_from_checkpoint, load_weights, read_checkpoint_file
+    from oilleak.models.presets import build_model
+
+    raw = read_checkpoint_file(ckpt)
+    model = build_model(config.model, config.num_classes)
+    if raw.get("format") != FORMAT:
+        report = load_weights(model, raw)
+        report.source = str(ckpt)
+        if report.skipped or report.missing:  # a part of the model would keep random weights: metrics meaningless
+            raise OilleakError(
+                f"{report.format()}\ncheckpoint {ckpt} does not fill the whole {config.model.preset} model for "
+                f"{config.num_classes} classes; evaluate a checkpoint trained on the config's classes and model"
+            )
+        return model, report.format()
+    classes = list(raw.get("classes", []))
+    if classes != list(config.data.classes):
+        raise OilleakError(
+            f"checkpoint {ckpt} was trained on the classes {classes}, but the config's data.classes are "
+            f"{list(config.data.classes)}; evaluate it with the config it was trained with (same names, same order)"
+        )
+    trained = config_from_checkpoint(raw, ckpt).model.preset
+    if trained != config.model.preset:
+        raise OilleakError(
+            f"checkpoint {ckpt} holds a {trained} model but the config's model.preset is {config.model.preset}; "
+            f"add --set model.preset={trained}"
+        )
+    missing, unexpected = model.load_state_dict(raw["state_dict"], strict=False)
+    if missing or unexpected:
+        raise OilleakError(
+            f"checkpoint {ckpt} does not fit the {config.model.preset} model: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    return model, ""
+
+
+def check_out_path(out: Path | None, overwrite: bool) -> None:
+    if out is None:
+        return
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise OilleakError(f"--out {out}: use a .json (COCO results) or .pkl (one dict per image) file name")
+    if out.exists() and not overwrite:
+        raise OilleakError(f"--out {out} already exists; choose another name or add --overwrite to replace it")
+
+
+def show_paths(show_dir: Path, images: list[tuple[int, str]]) -> dict[int, Path]:
+    """Where each image's picture goes: its dataset file name (sub-folders kept) as .jpg under show_dir."""
+    return {image_id: show_dir / Path(file_name).with_suffix(".jpg") for image_id, file_name in images}
+
+
+def _check_show_dir(paths: dict[int, Path], overwrite: bool) -> None:
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise OilleakError(
+            f"--show-dir: {len(existing)} pictures would overwrite existing files (e.g. {existing[0]}); "
+            "choose an empty folder or add --overwrite"
+        )
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_detections(out: Path, images: list[ImageResult], cat_ids: list[int]) -> None:
+    """``.json``: COCO results (bbox, segmentation RLE, score, category_id: the dataset's ids), for
+    pycocotools or other tools; to score masks with pycocotools yourself, drop ``bbox`` from the entries
+    first (or it takes box areas for the size buckets). ``.pkl``: a list with one dict per image (img_id,
+    file_name, height, width, boxes (n, 4) x1 y1 x2 y2, scores, labels (0-based, config class order),
+    masks (COCO RLE)), for users of mmdetection's ``--out``."""
+    if out.suffix.lower() == ".json":
+        entries = [
+            {**box, "segmentation": seg["segmentation"]}
+            for image in images
+            for box, seg in zip(image.coco_results(cat_ids, "bbox"), image.coco_results(cat_ids, "segm"))
+        ]
+        _atomic_write(out, lambda f: f.write(json.dumps(entries).encode("utf-8")))
+    else:
+        records = [
+            {"img_id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width,
+             "boxes": r.boxes, "scores": r.scores, "labels": r.labels, "masks": r.masks}
+            for r in images
+        ]
+        _atomic_write(out, lambda f: pickle.dump(records, f, protocol=4))
+
+
+def _ground_truth(coco, image_id: int, cat_ids: list[int], height: int, width: int):
+    label_of = {c: k for k, c in enumerate(cat_ids)}
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=cat_ids)) if not a.get("iscrowd", 0)]
+    boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], np.float32)
+    masks = np.stack([coco.annToMask(a).astype(bool) for a in anns]) if anns else np.zeros((0, height, width), bool)
+    return boxes.reshape(-1, 4), [label_of[a["category_id"]] for a in anns], masks
+
+
+def write_pictures(dataset, images: list[ImageResult], paths: dict[int, Path], class_names: list[str],
+                   score_thr: float, progress: bool) -> None:
+    """Ground truth (left) beside the predictions at or above ``score_thr`` (right) for every image."""
+    from oilleak.data.transforms import load_image
+
+    path_of = {record.image_id: record.path for record in dataset.records}
+    cat_ids = list(dataset.cat_ids)
+    with progress_bar(progress, len(images), "drawing") as advance:
+        for r in images:
+            image = load_image(path_of[r.image_id])
+            boxes, labels, masks = _ground_truth(dataset.coco, r.image_id, cat_ids, r.height, r.width)
+            left = draw_instances(image, boxes, labels, class_names, masks=masks)
+            keep = np.flatnonzero(r.scores >= score_thr)
+            pred_masks = (mask_util.decode([r.masks[i] for i in keep]).transpose(2, 0, 1).astype(bool)
+                          if keep.size else np.zeros((0, r.height, r.width), bool))
+            right = draw_instances(image, r.boxes[keep], r.labels[keep].tolist(), class_names, masks=pred_masks,
+                                   scores=r.scores[keep].tolist())
+            target = paths[r.image_id]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_image(side_by_side(left, right, ("ground truth", f"prediction (score >= {score_thr})")), target)
+            advance(1)
+
+
+def _report_dir(work_dir: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = work_dir / f"test-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = work_dir / f"test-{stamp}-{n}"
+    return path
+
+
+def run_test(
+    config: Config,
+    ckpt: Path,
+    *,
+    split: str = "val",
+    work_dir: Path | None = None,
+    show_dir: Path | None = None,
+    out: Path | None = None,
+    overwrite: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    on_load: Callable[[str], None] | None = None,
+) -> TestOutcome:
+    from oilleak.data.dataset import build_dataset
+
+    check_out_path(out, overwrite)
+    dataset = build_dataset(config.data, split, train=False)
+    class_names, cat_ids = list(config.data.classes), list(dataset.cat_ids)
+    pictures = show_paths(show_dir, [(r.image_id, r.file_name) for r in dataset.records]) if show_dir else {}
+    _check_show_dir(pictures, overwrite)
+    model, load_note = load_model_for_test(ckpt, config)
+    if load_note and on_load is not None:
+        on_load(load_note)
+
+    images = predict_dataset(model.to(device), dataset, device=device, workers=config.data.workers, progress=progress)
+    result = coco_evaluate(dataset.coco, images, class_names, cat_ids)
+    report_dir = _report_dir(Path(work_dir or config.train.work_dir))
+    thr = config.predict.score_thr
+    matrix = confusion_matrix(dataset.coco, images, cat_ids, score_thr=thr)
+    extra = {
+        "checkpoint": str(ckpt),
+        "split": split,
+        "ann_file": str(config.data.root() / config.data.split(split).ann_file),
+        "images": len(images),
+        "confusion_matrix": {"labels": [*class_names, "background"], "score_thr": thr, "iou_thr": 0.5,
+                             "rows_ground_truth_columns_predicted": matrix.tolist()},
+    }
+    written = write_reports(result, report_dir, extra)
+    written += plot_pr_curves(result, report_dir)
+    written.append(plot_confusion_matrix(matrix, class_names, report_dir / "confusion_matrix.png", thr))
+    if out is not None:
+        write_detections(out, images, cat_ids)
+        written.append(out)
+    if show_dir is not None:
+        write_pictures(dataset, images, pictures, class_names, thr, progress)
+        written.append(show_dir)
+    return TestOutcome(result, report_dir, written, load_note)

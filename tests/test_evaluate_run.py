@@ -1,0 +1,110 @@
+"""The evaluation on a real dataset (the bundled BSData sample converted with `oilleak convert`): a stand-in
+model that returns the ground truth must score 1.0 through the whole pipeline (dataset, transforms,
+collate, inference loop, COCO evaluation); then `oilleak test` with the real tiny model and checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from oilleak.config import config_from_dict
+from oilleak.data.dataset import build_dataset
+from oilleak.data.labelme import convert_labelme
+from oilleak.engine import evaluate_checkpoint
+from oilleak.engine.evaluate import evaluate_model
+from oilleak.engine.evaluate_checkpoint import run_test
+from oilleak.errors import OilleakError
+from oilleak.structures import Detections
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, sample_dir):
+    root = tmp_path_factory.mktemp("bsdata") / "data"
+    convert_labelme(sample_dir, root, classes=["Pitting"], val_fraction=0.3, seed=0)
+    return root
+
+
+def make_config(data_root, **model):
+    return config_from_dict({
+        "data": {"data_root": str(data_root), "classes": ["Pitting"], "scale": [640, 384], "workers": 0},
+        "model": {"preset": "detectors_htc_r50_tiny", **model},
+        "train": {"work_dir": str(data_root.parent / "work")},
+    })
+
+
+class GroundTruthModel(nn.Module):
+    """Returns each image's ground truth (in original pixels) as its detections: the metrics must be 1.0."""
+
+    def __init__(self, coco, cat_ids):
+        super().__init__()
+        self.coco, self.cat_ids = coco, list(cat_ids)
+        self.calls = 0
+
+    def forward(self, images, metas, targets=None):
+        assert not self.training
+        self.calls += 1
+        out = []
+        for meta in metas:
+            anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[meta.image_id], catIds=self.cat_ids, iscrowd=False))
+            h, w = meta.ori_shape
+            masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns]).astype(bool)) if anns else torch.zeros(0, h, w, dtype=torch.bool)
+            boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]).reshape(-1, 4)
+            scores = torch.linspace(0.9, 0.5, len(anns))
+            labels = torch.tensor([self.cat_ids.index(a["category_id"]) for a in anns], dtype=torch.int64)
+            out.append(Detections(boxes.float(), scores, labels, masks))
+        return out
+
+
+def test_evaluate_model_on_real_data_scores_one_for_ground_truth(data_root):
+    config = make_config(data_root)
+    dataset = build_dataset(config.data, "val", train=False)
+    model = GroundTruthModel(dataset.coco, dataset.cat_ids)
+    model.train()
+    result = evaluate_model(model, dataset, device="cpu", batch_size=2, progress=False)
+    assert model.training  # the training loop's mode is given back
+    assert model.calls == (len(dataset) + 1) // 2
+    assert result.class_names == ["Pitting"]
+    assert result.metrics["segm_mAP"] == pytest.approx(1.0) and result.metrics["bbox_mAP"] == pytest.approx(1.0)
+    assert result.per_class["segm"][0].num_gt == sum(1 for _ in dataset.coco.getAnnIds(imgIds=dataset.image_ids))
+
+
+def test_run_test_writes_reports_pictures_and_detections(data_root, tmp_path, monkeypatch):
+    config = make_config(data_root)
+    stand_in = {}
+
+    def fake_load(ckpt, cfg):
+        ds = build_dataset(cfg.data, "val", train=False)
+        stand_in["model"] = GroundTruthModel(ds.coco, ds.cat_ids)
+        return stand_in["model"], ""
+
+    monkeypatch.setattr(evaluate_checkpoint, "load_model_for_test", fake_load)
+    show, out = tmp_path / "show", tmp_path / "dets.pkl"
+    outcome = run_test(config, tmp_path / "unused.pth", work_dir=tmp_path / "work", show_dir=show, out=out, progress=False)
+    assert outcome.result.metrics["segm_mAP"] == pytest.approx(1.0)
+    assert outcome.report_dir.parent == tmp_path / "work" and outcome.report_dir.name.startswith("test-")
+    names = sorted(p.name for p in outcome.report_dir.iterdir())
+    assert names == ["confusion_matrix.png", "metrics.json", "per_class.csv", "pr_curves_bbox.png", "pr_curves_segm.png", "report.md"]
+    payload = json.loads((outcome.report_dir / "metrics.json").read_text())
+    cm = payload["confusion_matrix"]["rows_ground_truth_columns_predicted"]
+    n_gt = payload["per_class"]["segm"][0]["num_gt"]
+    assert cm == [[n_gt, 0], [0, 0]]  # ground truth as predictions: everything on the diagonal
+    dataset = build_dataset(config.data, "val", train=False)
+    pictures = sorted(show.rglob("*.jpg"))
+    assert len(pictures) == len(dataset)
+    with Image.open(pictures[0]) as im:
+        record = next(r for r in dataset.records if r.file_name.endswith(pictures[0].name))
+        assert im.width == 2 * record.width + 8 and im.height == record.height + 18  # two panels and titles
+    assert out.is_file()
+
+    # a second run never overwrites: --out and --show-dir are refused before the model runs
+    stand_in.clear()
+    with pytest.raises(OilleakError, match="already exists"):
+        run_test(config, tmp_path / "unused.pth", work_dir=tmp_path / "work", out=out, progress=False)
+    with pytest.raises(OilleakError, match="would overwrite"):
+        run_test(config, tmp_path / "unused.pth", work_dir=tmp_path / "work", show_dir=show, progress=False)
+    assert not stand_in
