@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from oilleak.errors import OilleakError
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler
-from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, roi_head_from_mmdet, roi_levels
+from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, roi_levels
 from oilleak.models.mask_head import HTCMaskHead, mask_targets, paste_masks
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import ImageMeta, Targets
@@ -253,10 +252,3 @@ def test_roi_levels_follow_the_finest_scale_rule():
     sides = torch.tensor([10.0, 111.9, 112.0, 223.9, 224.0, 448.0, 2000.0])
     rois = torch.stack([torch.zeros(7), torch.zeros(7), torch.zeros(7), sides, sides], dim=1)
     assert roi_levels(rois, 4, 56.0).tolist() == [0, 0, 1, 1, 2, 3, 3]
-
-
-def test_unsupported_mmdet_option_names_the_field():
-    bbox = {"num_classes": 3, "reg_class_agnostic": False}
-    roi_head = {"bbox_head": [bbox], "mask_head": [], "semantic_head": {}, "stage_loss_weights": [1.0]}
-    with pytest.raises(OilleakError, match=r"bbox_head\[0\]\.reg_class_agnostic"):
-        roi_head_from_mmdet(roi_head, train_cfg=[], test_cfg={}, mask_merge="last")

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from oilleak.errors import OilleakError
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler, SamplingResult, batched_nms
 from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_masks
@@ -353,103 +352,3 @@ class HybridTaskCascadeRoIHead(nn.Module):
             masks = paste_masks(class_probs, boxes, size, self.mask_thr)
             results.append(Detections(boxes=boxes, scores=det.scores, labels=det.labels, masks=masks))
         return results
-
-
-# ----------------------------------------------------------------------------------------------------
-# building from an mmdet config
-
-
-def _option(cfg: dict[str, Any], key: str, expected: Any, where: str) -> None:
-    if cfg.get(key, expected) != expected:
-        raise OilleakError(
-            f"{where}.{key} = {cfg[key]!r} is not supported: oilleak's HTC implements {key}={expected!r} only; "
-            "remove the key or set it to that value"
-        )
-
-
-def roi_head_from_mmdet(
-    roi_head: dict[str, Any], *, train_cfg: Sequence[dict[str, Any]], test_cfg: dict[str, Any], mask_merge: Literal["mean", "last"]
-) -> HybridTaskCascadeRoIHead:
-    """Build the head from mmdet's ``model.roi_head`` dict, ``model.train_cfg.rcnn`` (one dict per stage) and
-    ``model.test_cfg.rcnn``; channels, classes, sizes and thresholds all come from the dicts."""
-    where = "model.roi_head"
-    _option(roi_head, "interleaved", True, where)
-    _option(roi_head, "mask_info_flow", True, where)
-    if tuple(roi_head.get("semantic_fusion", ("bbox", "mask"))) != ("bbox", "mask"):
-        raise OilleakError(f"{where}.semantic_fusion must be ('bbox', 'mask') (oilleak fuses both); remove the key")
-    if "semantic_head" not in roi_head:
-        raise OilleakError(f"{where} has no semantic_head: oilleak's HTC always has the semantic branch; add one")
-    bbox_heads = []
-    for t, cfg in enumerate(roi_head["bbox_head"]):
-        _option(cfg, "reg_class_agnostic", True, f"{where}.bbox_head[{t}]")
-        coder = cfg.get("bbox_coder", {})
-        bbox_heads.append(
-            Shared2FCBBoxHead(
-                num_classes=cfg["num_classes"],
-                in_channels=cfg.get("in_channels", 256),
-                roi_size=cfg.get("roi_feat_size", 7),
-                fc_channels=cfg.get("fc_out_channels", 1024),
-                target_means=tuple(coder.get("target_means", (0.0, 0.0, 0.0, 0.0))),
-                target_stds=tuple(coder.get("target_stds", (0.1, 0.1, 0.2, 0.2))),
-            )
-        )
-    mask_heads = [
-        HTCMaskHead(
-            num_classes=cfg["num_classes"],
-            in_channels=cfg.get("in_channels", 256),
-            conv_out_channels=cfg.get("conv_out_channels", 256),
-            num_convs=cfg.get("num_convs", 4),
-            with_conv_res=cfg.get("with_conv_res", True),
-        )
-        for cfg in roi_head["mask_head"]
-    ]
-    sem = roi_head["semantic_head"]
-    _option(sem.get("loss_seg", {}), "ignore_index", 255, f"{where}.semantic_head.loss_seg")
-    semantic_head = FusedSemanticHead(
-        num_classes=sem["num_classes"],
-        in_channels=sem.get("in_channels", 256),
-        conv_out_channels=sem.get("conv_out_channels", 256),
-        num_ins=sem["num_ins"],
-        fusion_level=sem["fusion_level"],
-        num_convs=sem.get("num_convs", 4),
-        label_scale=sem.get("seg_scale_factor", 1 / 8),
-        loss_weight=sem.get("loss_seg", {}).get("loss_weight", 0.2),
-    )
-    assigners, samplers = [], []
-    for t, stage in enumerate(train_cfg):
-        assigner, sampler = stage["assigner"], stage["sampler"]
-        _option(sampler, "neg_pos_ub", -1, f"model.train_cfg.rcnn[{t}].sampler")
-        assigners.append(
-            MaxIoUAssigner(
-                pos_iou_thr=assigner["pos_iou_thr"],
-                neg_iou_thr=assigner["neg_iou_thr"],
-                min_pos_iou=assigner.get("min_pos_iou", 0.0),
-                match_low_quality=assigner.get("match_low_quality", True),
-            )
-        )
-        samplers.append(
-            RandomSampler(
-                num=sampler["num"],
-                pos_fraction=sampler["pos_fraction"],
-                add_gt_as_proposals=sampler.get("add_gt_as_proposals", True),
-            )
-        )
-    box_extractor = roi_head["bbox_roi_extractor"]
-    return HybridTaskCascadeRoIHead(
-        bbox_heads=bbox_heads,
-        mask_heads=mask_heads,
-        semantic_head=semantic_head,
-        assigners=assigners,
-        samplers=samplers,
-        stage_loss_weights=roi_head["stage_loss_weights"],
-        featmap_strides=box_extractor["featmap_strides"],
-        semantic_stride=roi_head["semantic_roi_extractor"]["featmap_strides"][0],
-        finest_scale=box_extractor.get("finest_scale", 56),
-        bbox_roi_size=box_extractor["roi_layer"]["output_size"],
-        mask_roi_size=roi_head["mask_roi_extractor"]["roi_layer"]["output_size"],
-        score_thr=test_cfg["score_thr"],
-        nms_iou=test_cfg["nms"]["iou_threshold"],
-        max_per_img=test_cfg["max_per_img"],
-        mask_thr=test_cfg["mask_thr_binary"],
-        mask_merge=mask_merge,
-    )
