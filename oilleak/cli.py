@@ -137,5 +137,22 @@ def check(
         raise typer.Exit(2)
 
 
+@app.command()
+@friendly_errors
+def parity(
+    fixture: Annotated[Path, typer.Argument(help="an mmdet parity fixture (.pt), e.g. ../shared/fixtures/mmdet/htc_small.pt")],
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads; the fixtures were made with 2 (float32 sums follow the count)")] = 2,
+) -> None:
+    """Check oilleak against mmdetection 3.3, stage by stage and end to end, on a parity fixture.
+
+    Exit code 0 when every check passes, 1 when one fails, 2 when the fixture cannot be used."""
+    from oilleak.parity import print_report, run_parity
+
+    report = run_parity(fixture, threads=threads)
+    print_report(report, console)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,405 @@
+"""``oilleak parity FIXTURE.pt``: check oilleak against mmdetection 3.3 stage by stage.
+
+A fixture (made by ``../shared/peers/mmdet/make_parity_fixture.py``) holds an mmdet model config, random
+weights, one input image and everything mmdet computed from it. oilleak builds the model from the config,
+loads the weights through the checkpoint loader and compares:
+
+- each stage on mmdet's own input for it, so one stage's error can neither hide nor blame another:
+  every ResNet stage, the ASPP and the neck on mmdet's C2..C5; the RPN and the semantic head on mmdet's
+  pyramid; proposals from mmdet's RPN outputs; every box stage on mmdet's proposals; every mask stage on
+  mmdet's detections;
+- end to end through ``model(...)``: the backbone and neck outputs on the way, the detections and masks in
+  original pixels (predict mode) and every loss (loss mode, with the fixture's deterministic samplers).
+
+Tolerances: features and raw head outputs max |diff| / max |reference| <= 1e-4; proposals and detections
+>= 99% matched one to one (same label, box IoU >= 0.999, |score diff| <= 1e-4); matched masks IoU >= 0.99
+(pycocotools, on the fixture's RLEs); every loss within 1e-4 relative.
+
+Float32 sums depend on the number of threads, and a random-weight network amplifies rounding about
+1000-fold (DetectoRS P2: 6e-4 off with 1 thread, 0.0 with 2), so the run uses the fixtures' thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from oilleak.errors import OilleakError
+from oilleak.models.box_ops import box_iou
+from oilleak.models.checkpoint import load_weights
+from oilleak.models.detector import HybridTaskCascade
+from oilleak.models.presets import model_from_mmdet_config
+from oilleak.models.rfp import RFP
+from oilleak.structures import ImageMeta, Targets
+
+FIXTURE_FORMAT = "oilleak-mmdet-parity/1"
+FIXTURE_THREADS = 2  # the fixtures were made on a 2-core machine
+FEATURE_TOL = 1e-4
+LOSS_TOL = 1e-4
+MIN_MATCHED = 0.99
+BOX_IOU = 0.999
+SCORE_TOL = 1e-4
+MASK_IOU = 0.99
+
+# report sections
+STAGES = "each stage on mmdet's input"
+END_TO_END = "end to end: model(images)"
+END_TO_END_LOSSES = "end to end: losses"
+
+REQUIRED_KEYS = (
+    "model_config",
+    "state_dict",
+    "loss_train_cfg",
+    "losses",
+    "inputs.batch_inputs",
+    "inputs.img_meta",
+    "outputs.backbone",
+    "outputs.neck",
+    "outputs.rpn_cls",
+    "outputs.rpn_reg",
+    "outputs.proposals",
+    "outputs.semantic_pred",
+    "outputs.semantic_feat",
+    "outputs.stage_cls",
+    "outputs.stage_reg",
+    "outputs.mask_logits",
+    "outputs.dets",
+    "outputs.dets_input_scale",
+    "loss_inputs.gt_bboxes",
+    "loss_inputs.gt_labels",
+    "loss_inputs.gt_masks",
+    "loss_inputs.gt_sem_seg_padded",
+)
+
+
+@dataclass
+class Check:
+    """One row of the report. ``max_abs`` / ``relative`` are None where a count or IoU says more."""
+
+    section: str
+    name: str
+    passed: bool
+    detail: str = ""
+    max_abs: float | None = None
+    relative: float | None = None
+
+
+@dataclass
+class ParityReport:
+    fixture: str
+    variant: str
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+
+def read_fixture(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise OilleakError(f"parity fixture {path} does not exist; pass a .pt file such as ../shared/fixtures/mmdet/htc_small.pt")
+    try:
+        fixture = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise OilleakError(f"parity fixture {path} cannot be read ({exc.__class__.__name__}): is it a complete .pt file?") from None
+    check_fixture(fixture, str(path))
+    return fixture
+
+
+def check_fixture(fixture: Any, name: str) -> None:
+    if not isinstance(fixture, dict) or fixture.get("format") != FIXTURE_FORMAT:
+        found = fixture.get("format") if isinstance(fixture, dict) else type(fixture).__name__
+        raise OilleakError(
+            f"{name} is not a parity fixture: 'format' is {found!r}, expected {FIXTURE_FORMAT!r}. "
+            "Make one with ../shared/peers/mmdet/make_parity_fixture.py"
+        )
+    missing = [key for key in REQUIRED_KEYS if _lookup(fixture, key) is None]
+    if missing:
+        raise OilleakError(f"parity fixture {name} lacks {', '.join(repr(k) for k in missing)}; remake it with make_parity_fixture.py")
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def fixture_meta(fixture: dict[str, Any]) -> ImageMeta:
+    meta = fixture["inputs"]["img_meta"]
+    return ImageMeta(
+        image_id=int(meta.get("img_id", 0)),
+        file_name=str(fixture["inputs"].get("image_file", "")),
+        ori_shape=tuple(meta["ori_shape"][:2]),
+        img_shape=tuple(meta["img_shape"][:2]),
+        pad_shape=tuple(meta["pad_shape"][:2]),
+        scale_factor=tuple(meta["scale_factor"][:2]),
+    )
+
+
+def fixture_targets(fixture: dict[str, Any]) -> Targets:
+    gt = fixture["loss_inputs"]
+    return Targets(
+        boxes=gt["gt_bboxes"].float(),
+        labels=gt["gt_labels"].long(),
+        masks=gt["gt_masks"].bool(),
+        sem_seg=gt["gt_sem_seg_padded"].reshape(gt["gt_sem_seg_padded"].shape[-2:]).to(torch.uint8),
+    )
+
+
+def fixture_model(fixture: dict[str, Any]) -> tuple[HybridTaskCascade, Check]:
+    """The fixture's model (mmdet 3.3's last-stage masks, the fixture's deterministic samplers) with its
+    weights loaded through the checkpoint loader, and a check that every tensor found its place."""
+    model = model_from_mmdet_config({**fixture["model_config"], "train_cfg": fixture["loss_train_cfg"]}, mask_merge="last")
+    report = load_weights(model, fixture["state_dict"])
+    problems = len(report.skipped) + len(report.missing) + len(report.unexpected) + len(report.derived)
+    detail = f"{len(report.loaded)} tensors loaded" if not problems else report.format(max_lines=5)
+    return model, Check("weights", "state dict", problems == 0, detail)
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+def compare_tensors(section: str, name: str, ours: Tensor, ref: Tensor, tol: float = FEATURE_TOL) -> Check:
+    ours, ref = ours.detach().float().cpu(), ref.detach().float().cpu()
+    if ours.shape != ref.shape:
+        return Check(section, name, False, f"shape {'x'.join(map(str, ours.shape))} vs mmdet {'x'.join(map(str, ref.shape))}")
+    if ref.numel() == 0:
+        return Check(section, name, True, "empty", 0.0, 0.0)
+    max_abs = float((ours - ref).abs().max())
+    scale = float(ref.abs().max())
+    relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return Check(section, name, relative <= tol, "x".join(map(str, ref.shape)), max_abs, relative)
+
+
+def compare_lists(section: str, name: str, ours: Sequence[Tensor], refs: Sequence[Tensor], labels: Sequence[str]) -> list[Check]:
+    if len(ours) != len(refs):
+        return [Check(section, name, False, f"{len(ours)} tensors vs mmdet {len(refs)}")]
+    return [compare_tensors(section, f"{name} {label}", a, b) for a, b, label in zip(ours, refs, labels)]
+
+
+def match_detections(
+    boxes: Tensor, scores: Tensor, labels: Tensor, ref_boxes: Tensor, ref_scores: Tensor, ref_labels: Tensor
+) -> list[tuple[int, int]]:
+    """One-to-one (ours, reference) pairs: same label, box IoU >= BOX_IOU, |score diff| <= SCORE_TOL; each
+    reference, best score first, takes the unmatched candidate it overlaps most."""
+    if len(boxes) == 0 or len(ref_boxes) == 0:
+        return []
+    iou = box_iou(ref_boxes.float(), boxes.float())
+    ok = (iou >= BOX_IOU) & ((ref_scores[:, None] - scores[None, :]).abs() <= SCORE_TOL) & (ref_labels[:, None] == labels[None, :])
+    taken = torch.zeros(len(boxes), dtype=torch.bool)
+    pairs = []
+    for r in torch.argsort(ref_scores, descending=True, stable=True).tolist():
+        candidates = torch.nonzero(ok[r] & ~taken).flatten()
+        if len(candidates):
+            best = int(candidates[iou[r, candidates].argmax()])
+            taken[best] = True
+            pairs.append((best, r))
+    return pairs
+
+
+def compare_detections(
+    section: str, name: str, boxes: Tensor, scores: Tensor, labels: Tensor | None, ref: dict[str, Tensor]
+) -> tuple[Check, list[tuple[int, int]]]:
+    """Detections (or proposals: ``labels`` None) against mmdet's ``bboxes`` / ``scores`` / ``labels``."""
+    boxes, scores = boxes.cpu(), scores.cpu()
+    labels = torch.zeros(len(boxes), dtype=torch.long) if labels is None else labels.cpu()
+    ref_labels = ref.get("labels", torch.zeros(len(ref["bboxes"]), dtype=torch.long))
+    pairs = match_detections(boxes, scores, labels, ref["bboxes"], ref["scores"], ref_labels)
+    total = max(len(boxes), len(ref["bboxes"]))
+    fraction = len(pairs) / total if total else 1.0
+    detail = f"{len(pairs)}/{total} matched (ours {len(boxes)}, mmdet {len(ref['bboxes'])})"
+    max_abs = max((float((boxes[a] - ref["bboxes"][b]).abs().max()) for a, b in pairs), default=0.0)
+    return Check(section, name, fraction >= MIN_MATCHED, detail, max_abs), pairs
+
+
+def compare_masks(section: str, masks: Tensor, ref_rles: Sequence[dict[str, Any]], pairs: list[tuple[int, int]]) -> Check:
+    """Mask IoU of every matched detection, by pycocotools on mmdet's RLEs; the row shows the worst."""
+    if not pairs:
+        return Check(section, "masks", False, "no matched detections to compare")
+    ious = []
+    for ours_index, ref_index in pairs:
+        ref_rle = dict(ref_rles[ref_index])
+        ref_rle["counts"] = ref_rle["counts"].encode("ascii") if isinstance(ref_rle["counts"], str) else ref_rle["counts"]
+        mask = masks[ours_index].cpu().numpy().astype(np.uint8)
+        if list(mask.shape) != list(ref_rle["size"]):
+            return Check(section, "masks", False, f"mask size {mask.shape} vs mmdet {tuple(ref_rle['size'])}")
+        ours_rle = mask_utils.encode(np.asfortranarray(mask))
+        both_empty = mask_utils.area(ours_rle) == 0 and mask_utils.area(ref_rle) == 0
+        ious.append(1.0 if both_empty else float(mask_utils.iou([ours_rle], [ref_rle], [0])[0, 0]))
+    worst = min(ious)
+    below = sum(iou < MASK_IOU for iou in ious)
+    detail = f"{len(ious)} matched masks, worst IoU {worst:.5f}, mean {sum(ious) / len(ious):.5f}" + (f", {below} below {MASK_IOU}" if below else "")
+    return Check(section, "masks", below == 0, detail)
+
+
+def compare_losses(section: str, ours: dict[str, Tensor], refs: dict[str, Any]) -> list[Check]:
+    checks = []
+    for key, ref_value in refs.items():
+        ref = float(sum(ref_value)) if isinstance(ref_value, (list, tuple)) else float(ref_value)  # RPN: per level
+        if key not in ours:
+            checks.append(Check(section, key, False, "oilleak does not report it"))
+            continue
+        value = float(ours[key])
+        diff = abs(value - ref)
+        relative = diff / abs(ref) if ref != 0 else (0.0 if diff == 0 else float("inf"))
+        checks.append(Check(section, key, relative <= LOSS_TOL, f"{value:.6g} vs mmdet {ref:.6g}", diff, relative))
+    checks += [Check(section, key, False, "mmdet does not report it") for key in ours if key not in refs]
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_parity(path: str | Path, *, threads: int | None = FIXTURE_THREADS) -> ParityReport:
+    """Compare oilleak with the fixture at ``path``; bad input raises OilleakError."""
+    fixture = read_fixture(path)
+    with intra_op_threads(threads), torch.no_grad():
+        checks = compare_with_fixture(fixture)
+    variant = str(fixture.get("made_with", {}).get("variant", "?"))
+    return ParityReport(fixture=str(path), variant=variant, checks=checks)
+
+
+def compare_with_fixture(fixture: dict[str, Any]) -> list[Check]:
+    model, weights = fixture_model(fixture)
+    images = fixture["inputs"]["batch_inputs"]
+    metas = [fixture_meta(fixture)]
+    model.eval()
+    checks = [weights, *_trunk_stages(model, fixture, images), *_head_stages(model, fixture, metas)]
+    checks += _end_to_end_predict(model, fixture, images, metas)
+    model.train()
+    losses = model(images, metas, [fixture_targets(fixture)])
+    return checks + compare_losses(END_TO_END_LOSSES, losses, fixture["losses"])
+
+
+def _trunk_stages(model: HybridTaskCascade, fixture: dict[str, Any], images: Tensor) -> list[Check]:
+    """Every ResNet stage on mmdet's output of the stage before (the stem on the image), the ASPP and the
+    neck on mmdet's C2..C5."""
+    out = fixture["outputs"]
+    ref_feats = list(out["backbone"])
+    backbone = model.backbone
+    inputs = [backbone.stem(images), *ref_feats[:-1]]
+    feats = [stage(x) for stage, x in zip(backbone.stages(), inputs)]
+    checks = compare_lists(STAGES, "backbone", feats, ref_feats, ["C2", "C3", "C4", "C5"])
+    if isinstance(model.neck, RFP):
+        if "rfp_aspp" not in out:
+            checks.append(Check(STAGES, "ASPP", False, "the fixture has no outputs.rfp_aspp for its RFP neck"))
+        else:
+            # mmdet also runs the ASPP on P6 (its result is unused): compare all four
+            aspp = [model.neck.rfp_aspp(p) for p in model.neck.pyramid(ref_feats)[1:]]
+            checks += compare_lists(STAGES, "ASPP", aspp, out["rfp_aspp"], ["P3", "P4", "P5", "P6"])
+    pyramid = model.neck(ref_feats, image=images)
+    return checks + compare_lists(STAGES, "neck", pyramid, out["neck"], [f"P{i + 2}" for i in range(len(pyramid))])
+
+
+def _head_stages(model: HybridTaskCascade, fixture: dict[str, Any], metas: list[ImageMeta]) -> list[Check]:
+    """Each head on mmdet's own input for it: RPN and semantic head on mmdet's pyramid, proposals from
+    mmdet's RPN outputs, box heads on mmdet's proposals, mask heads on mmdet's detections."""
+    out = fixture["outputs"]
+    neck = list(out["neck"])
+    levels = [f"P{i + 2}" for i in range(len(neck))]
+    cls, reg = model.rpn_head(neck)
+    checks = compare_lists(STAGES, "rpn_cls", cls, out["rpn_cls"], levels)
+    checks += compare_lists(STAGES, "rpn_reg", reg, out["rpn_reg"], levels)
+    (proposals,) = model.rpn_head.proposals(list(out["rpn_cls"]), list(out["rpn_reg"]), metas, training=False)
+    ref_proposals = {"bboxes": out["proposals"][:, :4], "scores": out["proposals"][:, 4]}
+    checks.append(compare_detections(STAGES, "proposals", proposals[:, :4], proposals[:, 4], None, ref_proposals)[0])
+
+    roi_head = model.roi_head
+    semantic_pred, semantic_feat = roi_head.semantic_head(neck)
+    checks.append(compare_tensors(STAGES, "semantic pred", semantic_pred, out["semantic_pred"]))
+    checks.append(compare_tensors(STAGES, "semantic feat", semantic_feat, out["semantic_feat"]))
+    cascade = roi_head.box_cascade(neck, out["semantic_feat"], [out["proposals"][:, :4]], metas)
+    stages = [f"stage {t}" for t in range(len(cascade.cls))]
+    checks += compare_lists(STAGES, "box cls", cascade.cls, out["stage_cls"], stages)
+    checks += compare_lists(STAGES, "box reg", cascade.reg, out["stage_reg"], stages)
+    (dets,) = roi_head.detect(cascade, metas)
+    checks.append(compare_detections(STAGES, "detections (input pixels)", dets.boxes, dets.scores, dets.labels, out["dets_input_scale"])[0])
+    mask_logits = roi_head.mask_cascade(neck, out["semantic_feat"], [out["dets_input_scale"]["bboxes"]])
+    return checks + compare_lists(STAGES, "mask logits", mask_logits, out["mask_logits"], stages)
+
+
+def _end_to_end_predict(model: HybridTaskCascade, fixture: dict[str, Any], images: Tensor, metas: list[ImageMeta]) -> list[Check]:
+    """``model(images)`` in eval mode, watching the backbone and neck outputs on the way."""
+    out = fixture["outputs"]
+    seen: dict[str, Any] = {}
+    hooks = [
+        model.backbone.register_forward_hook(lambda _m, _i, o: seen.setdefault("backbone", o)),
+        model.neck.register_forward_hook(lambda _m, _i, o: seen.setdefault("neck", o)),
+    ]
+    model.eval()
+    try:
+        (detections,) = model(images, metas)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    checks = compare_lists(END_TO_END, "backbone", seen["backbone"], out["backbone"], ["C2", "C3", "C4", "C5"])
+    checks += compare_lists(END_TO_END, "neck", seen["neck"], out["neck"], [f"P{i + 2}" for i in range(len(seen["neck"]))])
+    boxes, pairs = compare_detections(END_TO_END, "detections", detections.boxes, detections.scores, detections.labels, out["dets"])
+    return checks + [boxes, compare_masks(END_TO_END, detections.masks, out["dets"]["masks_rle"], pairs)]
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.2e}"
+
+
+def print_report(report: ParityReport, console: Console) -> None:
+    console.print(f"[bold]oilleak vs mmdet 3.3[/] on {report.fixture} ({report.variant})", highlight=False)
+    sections: dict[str, list[Check]] = {}
+    for check in report.checks:
+        sections.setdefault(check.section, []).append(check)
+    for section, checks in sections.items():
+        table = Table(title=section, title_justify="left")
+        table.add_column("check")
+        table.add_column("max abs diff", justify="right")
+        table.add_column("relative", justify="right")
+        table.add_column("result")
+        table.add_column("detail", overflow="fold")
+        for check in checks:
+            verdict = "[green]PASS[/]" if check.passed else "[bold red]FAIL[/]"
+            table.add_row(check.name, _number(check.max_abs), _number(check.relative), verdict, check.detail)
+        console.print(table)
+    if report.passed:
+        console.print(f"[green]all {len(report.checks)} checks pass[/]")
+    else:
+        names = ", ".join(f"{c.section}: {c.name}" for c in report.failures()[:8])
+        console.print(f"[bold red]{len(report.failures())} of {len(report.checks)} checks fail[/]: {names}", highlight=False)
+        if all(c.section != STAGES for c in report.failures()):
+            console.print(
+                "Every stage matches on mmdet's own inputs, so the end-to-end differences are float32 rounding "
+                "amplified through the network: the fixtures were made with "
+                f"{FIXTURE_THREADS} CPU threads (--threads {FIXTURE_THREADS}) on an x86 CPU; another thread count or CPU sums in another order."
+            )
