@@ -61,17 +61,20 @@ def resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
         return maps
     if maps.numel() == 0:  # no instances: interpolate refuses empty inputs
         return maps.new_zeros(*lead, size[1], size[0])
-    flat = maps.reshape(1, -1, *maps.shape[-2:]).to(torch.uint8)
-    out = F.interpolate(flat, size=(size[1], size[0]), mode="nearest")
-    return out.reshape(*lead, size[1], size[0]).to(maps.dtype)
+    flat = maps.reshape(1, -1, *maps.shape[-2:])
+    if maps.dtype == torch.bool:  # interpolate takes no bool; the same bytes as uint8, without a copy
+        flat = flat.view(torch.uint8)
+    out = F.interpolate(flat, size=(size[1], size[0]), mode="nearest").reshape(*lead, size[1], size[0])
+    return out.view(torch.bool) if maps.dtype == torch.bool else out
 
 
 def normalize(image: np.ndarray) -> Tensor:
     """(H, W, 3) RGB uint8 -> (3, H, W) float32, ``(x - MEAN) / STD``."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (x - mean) / std
+    # in numpy, channels last: about 3x faster than the same float32 arithmetic on a permuted tensor
+    x = image.astype(np.float32)
+    x -= np.array(MEAN, np.float32)
+    x /= np.array(STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def padded_size(height: int, width: int) -> tuple[int, int]:
