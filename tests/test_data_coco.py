@@ -137,6 +137,12 @@ def test_missing_or_broken_annotation_file(tmp_path):
     assert "'annotations'" in only_problem(load(tmp_path), "annotation file", "error")
 
 
+def test_missing_val_split_is_a_warning(tmp_path):
+    report = check_dataset(data_config(make_split(tmp_path, base_coco()), ["a", "b"]))
+    assert report.ok and [(p.severity, p.kind) for p in report.problems] == [("warning", "no validation split")]
+    assert str(tmp_path / "annotations" / "val.json") in report.problems[0].message
+
+
 def test_missing_image_file_and_folder(tmp_path):
     root = make_split(tmp_path, base_coco())
     (root / "train" / "two.png").unlink()
@@ -364,4 +370,9 @@ def test_sample_and_bsdata_check_clean(sample_root, bsdata_dir, tmp_path):
     assert report.ok, report.format()
     assert sum(len(s.records) for s in report.splits.values()) == 324
     assert sum(s.class_stats()["Pitting"].instances for s in report.splits.values()) == 397
+    dataset = build_dataset(data_config(bs_root, ["Pitting"]), "val", train=True)
+    largest = max(range(len(dataset)), key=lambda i: dataset.records[i].width)
+    record, sample = dataset.records[largest], dataset[largest]
+    assert record.width > 2000 and sample.image.shape[2] == 1333 and sample.meta.ori_shape == (record.height, record.width)
+    assert sample.targets.masks.shape == (len(record.instances), *sample.image.shape[1:])
 

@@ -39,6 +39,7 @@ BOX_TOLERANCE = 1.0  # boxes may overhang the image this much (labelme points dr
 FIXES = {
     "annotation file": "check data.data_root and data.<split>.ann_file, or create the file with `oilleak convert`",
     "class names": "make data.classes and the json's categories[].name agree",
+    "no validation split": "create it (`oilleak convert --val-fraction 0.2`) or check data.val.ann_file",
     "empty split": "add images to the split (`oilleak convert` writes train and val)",
     "image folder": "check data.data_root and data.<split>.img_dir",
     "invalid image entry": "every images[] entry needs an integer id, a file_name and positive width/height",
@@ -507,6 +508,10 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
     out = CocoSplit(split, ann_file, img_dir, list(data_cfg.classes), sem_source)
     log = _Log(split, out.problems)
 
+    if split == "val" and not ann_file.exists():
+        # training runs without a validation split (no evaluation, no best checkpoint), so only warn
+        log.warning("no validation split", f"{ann_file} does not exist: training will not evaluate")
+        return out
     data = _read_json(ann_file, log)
     if data is None:
         return out
