@@ -163,6 +163,17 @@ def test_unreadable_image_and_size_mismatch(tmp_path):
     assert "one.png (image id 1)" in messages and f"two.png (image id 2) is {W + 1}x{H}" in messages and f"json says {W}x{H}" in messages
 
 
+def test_entries_that_are_not_objects(tmp_path):
+    coco = base_coco()
+    root = make_split(tmp_path, coco)
+    coco["images"].append("three.png")
+    coco["annotations"].append([1, 2, 3])
+    coco["annotations"].append(ann(13, 1, [1], 4, 4, 10))
+    split = load(make_split(root, coco, write_images=False))
+    assert kinds(split) == {"invalid image entry": "error", "invalid annotation": "error"}
+    assert len(split.problems) == 3 and "images[2] is three.png, not an object" in split.problems[0].message
+
+
 def test_duplicate_image_ids_and_file_names(tmp_path):
     coco = base_coco()
     coco["images"].append({"id": 1, "file_name": "three.png", "width": W, "height": H})

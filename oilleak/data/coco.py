@@ -364,6 +364,9 @@ def _valid_images(data: dict, img_dir: Path, log: _Log) -> dict[int, ImageRecord
     records: dict[int, ImageRecord] = {}
     names: dict[str, int] = {}
     for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            log.error("invalid image entry", f"images[{i}] is {str(img)[:60]}, not an object")
+            continue
         iid, name = img.get("id"), img.get("file_name")
         w, h = img.get("width"), img.get("height")
         if not isinstance(iid, int) or not isinstance(name, str) or not name:
@@ -447,6 +450,9 @@ def _add_annotations(data: dict, records: dict[int, ImageRecord], cat_to_label: 
                      json_cat_ids: set[int], log: _Log) -> None:
     seen_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            log.error("invalid annotation", f"annotations[{i}] is {str(ann)[:60]}, not an object")
+            continue
         aid, iid, cid = ann.get("id"), ann.get("image_id"), ann.get("category_id")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (aid, iid, cid)):
             log.error("invalid annotation", f"annotations[{i}] {str(ann)[:120]}: needs integer id, image_id, category_id")
@@ -521,7 +527,10 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
         log.error("empty split", f"{ann_file} lists no images")
     if categories is None:
         return out
-    ann_counts = Counter(a.get("category_id") for a in data["annotations"] if isinstance(a, dict) and not a.get("iscrowd", 0))
+    ann_counts = Counter(
+        a["category_id"] for a in data["annotations"]
+        if isinstance(a, dict) and isinstance(a.get("category_id"), int) and not a.get("iscrowd", 0)
+    )
     cat_to_label, message = match_classes(out.classes, categories, ann_counts, ann_file, config_name)
     if cat_to_label is None:
         log.error("class names", message)
