@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from oilleak.engine.instances import Instance, mask_polygons
+from oilleak.engine.instances import Instance, fill_holes, mask_polygons
 from oilleak.engine.predict import Source, find_images, fresh_dir, output_folders, predict_images
 from oilleak.engine.tiling import merge_tiles, predict_tiled, same_object, tile_windows
 
@@ -76,6 +76,20 @@ def test_mask_in_two_parts_gives_two_polygons():
     full = np.zeros((40, 50), bool)
     full[7:27, 5:35] = mask
     assert iou(rasterise(polygons, 40, 50), full) == 1.0
+
+
+def test_holes_are_filled_so_outline_area_and_mask_agree(tmp_path):
+    image = canvas(80, 80)
+    ring = draw_ellipse(image, (40, 40), (25, 20), (0, 0, 0))
+    hole = draw_ellipse(image, (40, 40), (8, 6), (200, 200, 200))
+    src = _png(tmp_path / "ring.png", image)
+    out = tmp_path / "out"
+    predict_images(find_blobs, [Source(src, "ring")], out, CLASSES, score_thr=0.3, progress=False)
+    (inst,) = json.loads((out / "instances" / "ring.json").read_text())["instances"]
+    assert inst["area_px"] == int(ring.sum()) == int((ring & ~hole).sum() + hole.sum())
+    assert iou(rasterise(inst["polygons"], 80, 80), ring) == 1.0
+    (found,) = find_blobs(image)
+    assert fill_holes(found).area == ring.sum() > found.area
 
 
 # --- inputs and output names ----------------------------------------------------------------------

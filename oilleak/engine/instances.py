@@ -6,7 +6,7 @@ A mask is kept as a crop at its offset in the image instead of a full-size array
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -60,8 +60,21 @@ def instances_from_detections(dets: Detections, score_thr: float) -> list[Instan
     return out
 
 
+def fill_holes(instance: Instance) -> Instance:
+    """The instance with the holes of its mask filled: its area is what its outline encloses.
+
+    Prediction files describe an instance by its outline, and neither labelme nor COCO polygons can
+    describe a hole (several polygons of one instance are joined, never subtracted); filling keeps the
+    mask, the areas and the polygons in agreement, so a labelme correction round trip gives back the mask.
+    """
+    contours, _ = cv2.findContours(instance.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = np.zeros(instance.mask.shape, np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return replace(instance, mask=filled.astype(bool))
+
+
 def mask_polygons(instance: Instance) -> list[list[tuple[float, float]]]:
-    """Outer outlines of the mask (holes are not kept), in image pixels where pixel (i, j) covers
+    """Outer outlines of the mask (holes are not kept: see `fill_holes`), in image pixels where pixel (i, j) covers
     [i, i + 1] x [j, j + 1]: the convention pycocotools rasterises polygons with, so the polygons give
     back the mask (labelme -> `oilleak convert` -> COCO round trip).
 

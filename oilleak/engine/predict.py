@@ -20,7 +20,7 @@ from torch import nn
 
 from oilleak.config import Config
 from oilleak.engine import prediction_files as files
-from oilleak.engine.instances import Instance, instances_from_detections, mask_polygons
+from oilleak.engine.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.engine.progress import progress_bar
 from oilleak.engine.tiling import predict_tiled
 from oilleak.errors import OilleakError
@@ -170,6 +170,7 @@ def predict_images(
                 try:
                     image = load_image(source.path)
                     instances = predict_tiled(image, predict, tile) if tile else predict(image)
+                    instances = [fill_holes(inst) for inst in instances]  # outlines describe them (fill_holes)
                 except (OilleakError, torch.OutOfMemoryError) as exc:
                     reason = str(exc).splitlines()[0]
                     if isinstance(exc, torch.OutOfMemoryError):

@@ -3,8 +3,9 @@
 - ``overlays/NAME.jpg``: the image with masks, outlines, boxes, class names and scores;
 - ``instances/NAME.json``: ``{"source", "width", "height", "classes", "score_thr", "leak_area_px",
   "leak_area_share", "instances": [{"class", "label", "score", "box": [x1, y1, x2, y2], "polygons":
-  [[[x, y], ...], ...], "area_px", "area_share"}]}``: polygons are the outer outlines of the mask (holes are
-  not kept; ``area_px`` is the mask's own pixel count), the leak area is the union of all masks;
+  [[[x, y], ...], ...], "area_px", "area_share"}]}``: polygons are the outlines of the mask (one per separate
+  part), holes inside a mask are filled (polygons cannot describe them; see ``instances.fill_holes``),
+  ``area_px`` counts the mask's pixels, the leak area is the union of all masks;
 - with ``--save-labelme``: ``labelme/NAME.json`` beside a byte-for-byte copy of the image, one polygon shape
   per outline, the instance's parts sharing a ``group_id`` and its score in ``description``. The folder is a
   labelme project: correct it in labelme, then ``oilleak convert OUT/labelme ...`` turns it into training data;

@@ -1,0 +1,171 @@
+"""`oilleak predict` with the real model: an untrained detectors_htc_r50_tiny (its frozen BatchNorms
+calibrated on two images so it gives finite, varied detections) saved with save_checkpoint, run on the
+bundled sample and on BSData images; the labelme round trip; a tiled run; the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+from oilleak.cli import app
+from oilleak.config import config_from_dict
+from oilleak.data.labelme import convert_labelme
+from oilleak.data.transforms import load_image, pad_batch, prepare_image
+from oilleak.engine.from_scratch import calibrate_frozen_batchnorm
+from oilleak.engine.instances import fill_holes
+from oilleak.engine.predict import Predictor, find_images, predict_images, run_predict
+from oilleak.engine.tiling import tile_windows
+from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
+from oilleak.models.presets import build_model
+
+SCALE = (512, 320)  # small inputs keep the CPU tests quick; the architecture is the real one
+
+
+def tiny_checkpoint(path, classes, calibration_images, data_root="data"):
+    """An untrained tiny DetectoRS saved as an oilleak checkpoint."""
+    config = config_from_dict({
+        "data": {"data_root": str(data_root), "classes": list(classes), "scale": list(SCALE), "workers": 0},
+        "model": {"preset": "detectors_htc_r50_tiny"},
+    })
+    torch.manual_seed(0)
+    model = build_model(config.model, len(classes))
+    batches = [pad_batch([prepare_image(load_image(p), SCALE)[0]])[0] for p in calibration_images]
+    calibrate_frozen_batchnorm(model, batches)
+    save_checkpoint(path, model=model, config=config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, sample_dir):
+    images = sorted(sample_dir.glob("*.jpg"))[:2]
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", ["Pitting"], images)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, sample_dir, bsdata_dir):
+    """Two bundled sample images and one BSData image, in two folders."""
+    root = tmp_path_factory.mktemp("inputs")
+    for src, folder in [(sorted(sample_dir.glob("*.jpg"))[2], "sample"), (sorted(sample_dir.glob("*.jpg"))[3], "sample"),
+                        (sorted(bsdata_dir.glob("*.jpg"))[40], "bsdata")]:
+        (root / folder).mkdir(exist_ok=True)
+        shutil.copy(src, root / folder / src.name)
+    return root
+
+
+class Recording:
+    """The real predictor, keeping what it returned per call (to compare with the files written)."""
+
+    def __init__(self, predictor):
+        self.predictor, self.calls = predictor, []
+
+    def __call__(self, image):
+        instances = self.predictor(image)
+        self.calls.append((image.shape, instances))
+        return instances
+
+
+@pytest.fixture(scope="module")
+def predicted(ckpt, inputs, tmp_path_factory):
+    model, config = model_from_checkpoint(ckpt)
+    recording = Recording(Predictor(model, config, torch.device("cpu"), score_thr=0.0))
+    sources, problems = find_images([str(inputs)])
+    out = tmp_path_factory.mktemp("pred") / "out"
+    report = predict_images(recording, sources, out, ["Pitting"], score_thr=0.0, save_labelme=True, progress=False)
+    return report, recording, sources
+
+
+def test_untrained_tiny_model_gives_detections_on_real_images(predicted):
+    report, recording, sources = predicted
+    assert report.processed == 3 and not report.failures
+    for source, (shape, instances) in zip(sources, recording.calls):
+        record = json.loads((report.out_dir / "instances" / f"{source.name}.json").read_text())
+        assert (record["height"], record["width"]) == shape[:2] == load_image(source.path).shape[:2]
+        assert len(record["instances"]) == len(instances) > 0
+        for inst, written in zip(instances, record["instances"]):
+            x1, y1, x2, y2 = written["box"]
+            assert 0 <= x1 < x2 <= shape[1] and 0 <= y1 < y2 <= shape[0]
+            assert written["area_px"] == fill_holes(inst).area >= inst.area > 0 and written["polygons"]
+        with Image.open(report.out_dir / "overlays" / f"{source.name}.jpg") as im:
+            assert (im.height, im.width) == shape[:2]
+    assert (report.out_dir / "summary.csv").read_text().count("\n") == 4
+
+
+def test_labelme_round_trip_through_convert(predicted, tmp_path):
+    """predict -> labelme files -> `oilleak convert` -> COCO masks match the predicted masks (as written:
+    holes filled, see instances.fill_holes)."""
+    report, recording, sources = predicted
+    coco_root = tmp_path / "coco"
+    convert_labelme(report.out_dir / "labelme", coco_root, classes=["Pitting"], val_fraction=0.0)
+    coco = COCO(str(coco_root / "annotations" / "train.json"))
+    assert len(coco.imgs) == 3
+    checked = 0
+    for source, (shape, instances) in zip(sources, recording.calls):
+        (image_id,) = [i for i, im in coco.imgs.items() if im["file_name"].endswith(source.name.split("/")[-1] + ".jpg")]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert len(anns) == len(instances)
+        converted = [coco.annToRLE(a) for a in anns]
+        for inst in instances:
+            mask = np.asfortranarray(fill_holes(inst).full_mask(*shape[:2]).astype(np.uint8))
+            ious = mask_util.iou([mask_util.encode(mask)], converted, [0] * len(converted))
+            assert ious.max() >= 0.9, f"{source.name}: an instance lost its shape in the round trip"
+            checked += 1
+    assert checked >= 3
+
+
+def test_tiled_run_with_the_real_model(ckpt, bsdata_dir, tmp_path):
+    image_path = sorted(bsdata_dir.glob("*.jpg"))[40]
+    height, width = load_image(image_path).shape[:2]
+    model, config = model_from_checkpoint(ckpt)
+    recording = Recording(Predictor(model, config, torch.device("cpu"), score_thr=0.3))
+    sources, _ = find_images([str(image_path)])
+    report = predict_images(recording, sources, tmp_path / "out", ["Pitting"], score_thr=0.3, tile=512, progress=False)
+    windows = tile_windows(height, width, 512)
+    assert len(windows) > 1 and [c[0][:2] for c in recording.calls] == [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in windows]
+    record = json.loads((tmp_path / "out" / "instances" / f"{sources[0].name}.json").read_text())
+    assert report.processed == 1 and record["instances"]
+    pieces = sum(len(c[1]) for c in recording.calls)
+    assert len(record["instances"]) <= pieces  # merged across tiles, never more
+    for inst in record["instances"]:
+        x1, y1, x2, y2 = inst["box"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height  # back in full-image pixels
+
+
+runner = CliRunner()
+
+
+def test_cli_predict_exit_codes(ckpt, sample_dir, tmp_path):
+    good = sorted(sample_dir.glob("*.jpg"))[4]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    out = tmp_path / "predictions"
+    result = runner.invoke(app, ["predict", str(ckpt), str(good), str(broken), "--out-dir", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "1 images predicted" in result.output and "broken.jpg" in result.output
+    assert (out / "overlays" / f"{good.stem}.jpg").is_file()
+    # a second run never touches the first one's files
+    before = (out / "summary.csv").read_bytes()
+    result = runner.invoke(app, ["predict", str(ckpt), str(broken), "--out-dir", str(out)])
+    assert result.exit_code == 2 and "no image could be predicted" in result.output
+    assert (out / "summary.csv").read_bytes() == before
+    result = runner.invoke(app, ["predict", str(ckpt), str(tmp_path / "nothing-here")])
+    assert result.exit_code == 2 and "no such file or folder" in result.output
+    result = runner.invoke(app, ["predict", str(tmp_path / "missing.pth"), str(good)])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_predict_score_threshold_and_fresh_folder(ckpt, sample_dir, tmp_path):
+    image = sorted(sample_dir.glob("*.jpg"))[5]
+    first = run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=0.0, device="cpu", progress=False)
+    second = run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=0.65, device="cpu", progress=False)
+    assert (first.out_dir, second.out_dir) == (tmp_path / "p", tmp_path / "p-2")
+    scores = [i["score"] for i in json.loads((second.out_dir / "instances" / f"{image.stem}.json").read_text())["instances"]]
+    assert all(s >= 0.65 for s in scores) and second.instances < first.instances
