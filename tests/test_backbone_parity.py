@@ -1,7 +1,7 @@
 """Backbone and neck against the real mmdet 3.3.0 (the parity fixtures in ../shared/fixtures/mmdet).
 
-The modules are built from each fixture's ``model_config``, load the fixture's ``backbone.*`` / ``neck.*``
-weights strictly, and must reproduce C2..C5, ASPP(P3..P6) and the fused P2..P6 within 1e-4 relative
+The model is built from each fixture's ``model_config`` (``presets.model_from_mmdet_config``), loads the
+fixture's state dict strictly, and its backbone and neck must reproduce C2..C5, ASPP(P3..P6) and the fused P2..P6 within 1e-4 relative
 (max abs diff / max abs value).
 
 Two ways of comparing, because the random-weight fixture networks amplify float32 rounding about 1000-fold:
@@ -20,41 +20,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from oilleak.models.fpn import FPN
-from oilleak.models.resnet import ResNet
+from oilleak.models.presets import model_from_mmdet_config
 from oilleak.models.rfp import RFP
 
 FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
 FIXTURE_THREADS = 2
-
-
-def resnet_from_mmdet(cfg: dict[str, Any]) -> ResNet:
-    assert cfg["type"] in ("ResNet", "DetectoRS_ResNet"), cfg["type"]
-    assert cfg.get("style", "pytorch") == "pytorch" and cfg.get("num_stages", 4) == 4
-    return ResNet(
-        depth=cfg["depth"],
-        base_channels=cfg.get("base_channels", 64),
-        use_aws=(cfg.get("conv_cfg") or {}).get("type") == "ConvAWS",
-        stage_with_sac=tuple(cfg.get("stage_with_sac", (False,) * 4)) if cfg.get("sac") else (False,) * 4,
-        frozen_stages=cfg.get("frozen_stages", -1),
-        norm_eval=cfg.get("norm_eval", True),
-        rfp_inplanes=cfg.get("rfp_inplanes"),
-    )
-
-
-def neck_from_mmdet(cfg: dict[str, Any]) -> nn.Module:
-    common = dict(in_channels=list(cfg["in_channels"]), out_channels=cfg["out_channels"], num_outs=cfg["num_outs"])
-    if cfg["type"] == "FPN":
-        return FPN(**common)
-    assert cfg["type"] == "RFP", cfg["type"]
-    return RFP(
-        **common,
-        rfp_backbone=resnet_from_mmdet(cfg["rfp_backbone"]),
-        aspp_out_channels=cfg["aspp_out_channels"],
-        aspp_dilations=tuple(cfg["aspp_dilations"]),
-        rfp_steps=cfg["rfp_steps"],
-    )
 
 
 def relative_error(ours: Tensor, ref: Tensor) -> float:
@@ -73,17 +44,15 @@ def fixture(request, fixtures_dir) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def trunk(fixture) -> nn.ModuleDict:
-    cfg = fixture["model_config"]
-    trunk = nn.ModuleDict({"backbone": resnet_from_mmdet(cfg["backbone"]), "neck": neck_from_mmdet(cfg["neck"])})
-    state = {k: v for k, v in fixture["state_dict"].items() if k.startswith(("backbone.", "neck."))}
-    trunk.load_state_dict(state, strict=True)
-    return trunk.eval()
+def trunk(fixture) -> nn.Module:
+    model = model_from_mmdet_config(fixture["model_config"])
+    model.load_state_dict(fixture["state_dict"], strict=True)
+    return model.eval()
 
 
 @torch.inference_mode()
 def test_each_backbone_stage_matches_mmdet(fixture, trunk):
-    backbone = trunk["backbone"]
+    backbone = trunk.backbone
     ref_feats = fixture["outputs"]["backbone"]
     stage_inputs = [backbone.stem(fixture["inputs"]["batch_inputs"]), *ref_feats[:-1]]
     ours = [stage(x) for stage, x in zip(backbone.stages(), stage_inputs, strict=True)]
@@ -92,7 +61,7 @@ def test_each_backbone_stage_matches_mmdet(fixture, trunk):
 
 @torch.inference_mode()
 def test_neck_on_mmdet_features_matches_mmdet(fixture, trunk):
-    neck = trunk["neck"]
+    neck = trunk.neck
     ref = fixture["outputs"]
     ref_feats = list(ref["backbone"])
     if isinstance(neck, RFP):
@@ -112,8 +81,8 @@ def test_image_to_pyramid_matches_mmdet(fixture, trunk):
     threads = torch.get_num_threads()
     torch.set_num_threads(FIXTURE_THREADS)
     try:
-        feats = trunk["backbone"](images)
-        pyramid = trunk["neck"](feats, image=images)
+        feats = trunk.backbone(images)
+        pyramid = trunk.neck(feats, image=images)
     finally:
         torch.set_num_threads(threads)
     assert_close_all(feats, fixture["outputs"]["backbone"], ["C2", "C3", "C4", "C5"])

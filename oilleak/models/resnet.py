@@ -188,6 +188,10 @@ class ResNet(nn.Module):
         """Used when not starting from ImageNet weights: Kaiming (fan_out) convs, unit BN (mmdet's default).
 
         Only the ResNet's own convs: SAC extras keep their identity init and ``rfp_conv`` PyTorch's default.
+        ConvAWS gamma/beta are then matched to the Kaiming weights, as loading ImageNet weights does, so the
+        network starts as the plain ResNet it was initialised as. (mmdet leaves gamma 1 / beta 0 here: every
+        standardised kernel element then has unit variance, and with BatchNorm frozen (norm_eval) the
+        activations overflow to NaN within the first backbone; measured on the full-size model.)
         """
         convs = [self.conv1]
         for stage in self.stages():
@@ -197,6 +201,8 @@ class ResNet(nn.Module):
                     convs.append(block.downsample[0])
         for conv in convs:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(conv, ConvAWS2d):
+                conv.match_gamma_beta_to_weight()
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
