@@ -154,5 +154,82 @@ def parity(
         raise typer.Exit(1)
 
 
+@app.command("test")
+@friendly_errors
+def test_(
+    config: Annotated[Path, typer.Argument(help="YAML config: the data, its classes and the model")],
+    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint, or an mmdetection one (loaded with a report)")],
+    work_dir: Annotated[Optional[Path], typer.Option(help="reports go to WORK_DIR/test-TIME/ (default: train.work_dir)")] = None,
+    show_dir: Annotated[Optional[Path], typer.Option(help="write ground truth beside prediction for every image here")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="all detections: .json (COCO results) or .pkl (one dict per image)")] = None,
+    split: Annotated[str, typer.Option(help="train or val")] = "val",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="allow replacing an existing --out file or --show-dir pictures")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Evaluate a checkpoint: COCO box and mask AP, per class, with reports and plots.
+
+    A class without ground truth in the split is shown as "no GT", never as 0.
+    When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
+    Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
+    from oilleak.config import load_config
+    from oilleak.engine.evaluate_checkpoint import run_test
+    from oilleak.engine.predict import resolve_device
+
+    cfg = load_config(config, set_ or [])
+    outcome = run_test(
+        cfg, ckpt, split=split, work_dir=work_dir, show_dir=show_dir, out=out, overwrite=overwrite,
+        device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
+    )
+    console.print(outcome.result.table())
+    console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)
+    for path in outcome.written:
+        if path.parent != outcome.report_dir:
+            console.print(f"written: {path}", markup=False, highlight=False)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model)")],
+    inputs: Annotated[list[str], typer.Argument(help="image files, folders (searched recursively) or quoted globs")],
+    out_dir: Annotated[Path, typer.Option(help="output folder; a non-empty one is kept and OUT_DIR-2, -3, ... used")] = Path("predictions"),
+    score_thr: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="keep instances scoring at least this (default: the checkpoint's predict.score_thr, 0.3)")] = None,
+    save_labelme: Annotated[bool, typer.Option("--save-labelme", help="also write OUT_DIR/labelme/: labelme files + image copies, ready for `oilleak convert`")] = False,
+    tile: Annotated[Optional[int], typer.Option(min=64, help="predict very large images in SIZE x SIZE tiles (20% overlap) and merge")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
+) -> None:
+    """Predict images: overlays, instance JSON files, summary.csv, optional labelme files.
+
+    Unreadable images are listed and skipped; exit code 0 when at least one image was predicted."""
+    from oilleak.engine.predict import run_predict
+
+    report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
+                         device=device)
+    console.print(f"{report.processed} images predicted, {report.instances} instances; outputs in {report.out_dir}",
+                  markup=False, highlight=False)
+    if report.failures:
+        err_console.print(f"[yellow]{len(report.failures)} inputs skipped:[/]", highlight=False)
+        for text, reason in report.failures:
+            err_console.print(f"  {escape(text)}: {escape(reason)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
+def parity(
+    fixture: Annotated[Path, typer.Argument(help="an mmdet parity fixture (.pt), e.g. ../shared/fixtures/mmdet/htc_small.pt")],
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads; the fixtures were made with 2 (float32 sums follow the count)")] = 2,
+) -> None:
+    """Check oilleak against mmdetection 3.3, stage by stage and end to end, on a parity fixture.
+
+    Exit code 0 when every check passes, 1 when one fails, 2 when the fixture cannot be used."""
+    from oilleak.parity import print_report, run_parity
+
+    report = run_parity(fixture, threads=threads)
+    print_report(report, console)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -108,3 +108,60 @@ def test_run_test_writes_reports_pictures_and_detections(data_root, tmp_path, mo
     with pytest.raises(OilleakError, match="would overwrite"):
         run_test(config, tmp_path / "unused.pth", work_dir=tmp_path / "work", show_dir=show, progress=False)
     assert not stand_in
+
+
+# --- `oilleak test` with the real tiny model -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(data_root, tmp_path_factory):
+    """A YAML config for the converted sample and an untrained tiny checkpoint trained on its classes."""
+    from oilleak.config import save_config
+    from tests.test_predict_model import SCALE, tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny")
+    ckpt = tiny_checkpoint(folder / "tiny.pth", ["Pitting"], data_root)
+    config = make_config(data_root)
+    config.data.scale = SCALE
+    save_config(config, folder / "config.yaml")
+    return folder / "config.yaml", ckpt
+
+
+def test_cli_test_with_oilleak_and_mmdetection_checkpoints(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from oilleak.cli import app
+
+    config, ckpt = tiny
+    runner = CliRunner()
+    work, out = tmp_path / "work", tmp_path / "dets.json"
+    result = runner.invoke(app, ["test", str(config), str(ckpt), "--work-dir", str(work), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "per class" in result.output and "Pitting" in result.output and "reports, plots:" in result.output
+    (report_dir,) = work.iterdir()
+    payload = json.loads((report_dir / "metrics.json").read_text())
+    assert 0.0 <= payload["metrics"]["segm_mAP"] <= 1.0 and payload["checkpoint"] == str(ckpt)
+    entries = json.loads(out.read_text())
+    assert entries and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(entries[0])
+
+    # the same weights as an mmdetection checkpoint: loaded with a report, same metrics
+    raw = torch.load(ckpt, weights_only=False)
+    mmdet = tmp_path / "epoch_12.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": ("Pitting",)}}, "state_dict": raw["state_dict"]}, mmdet)
+    result = runner.invoke(app, ["test", str(config), str(mmdet), "--work-dir", str(tmp_path / "work2"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "tensors loaded" in result.output
+    (report_dir2,) = (tmp_path / "work2").iterdir()
+    assert json.loads((report_dir2 / "metrics.json").read_text())["metrics"] == payload["metrics"]
+
+    # refused: --out exists; checkpoints of other classes (oilleak or mmdetection)
+    result = runner.invoke(app, ["test", str(config), str(ckpt), "--out", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output
+    torch.save({"meta": {"dataset_meta": {"classes": ("rust",)}}, "state_dict": raw["state_dict"]}, tmp_path / "other.pth")
+    result = runner.invoke(app, ["test", str(config), str(tmp_path / "other.pth"), "--work-dir", str(work)])
+    assert result.exit_code == 2 and "['rust']" in result.output
+    raw["classes"] = ["rust"]
+    torch.save(raw, tmp_path / "other_oilleak.pth")
+    result = runner.invoke(app, ["test", str(config), str(tmp_path / "other_oilleak.pth"), "--work-dir", str(work)])
+    assert result.exit_code == 2 and "trained on the classes ['rust']" in result.output
+    assert "Traceback" not in result.output

@@ -9,12 +9,14 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from oilleak.engine.instances import Instance, fill_holes, mask_polygons
+from oilleak.engine.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.engine.predict import Source, find_images, fresh_dir, output_folders, predict_images
 from oilleak.engine.tiling import merge_tiles, predict_tiled, same_object, tile_windows
+from oilleak.structures import Detections
 
 CLASSES = ["dark", "red"]
 
@@ -90,6 +92,17 @@ def test_holes_are_filled_so_outline_area_and_mask_agree(tmp_path):
     assert iou(rasterise(inst["polygons"], 80, 80), ring) == 1.0
     (found,) = find_blobs(image)
     assert fill_holes(found).area == ring.sum() > found.area
+
+
+def test_detections_become_instances_at_the_threshold():
+    masks = torch.zeros(3, 10, 12, dtype=torch.bool)
+    masks[0, 2:5, 3:9] = True
+    masks[2, 0:2, 0:2] = True  # masks[1] is empty: nothing to outline
+    dets = Detections(torch.tensor([[3.0, 2, 9, 5], [0, 0, 4, 4], [0, 0, 2, 2]]), torch.tensor([0.9, 0.8, 0.3]),
+                      torch.tensor([1, 0, 0]), masks)
+    kept = instances_from_detections(dets, score_thr=0.5)
+    assert [(i.label, i.score, i.origin, i.mask.shape, i.area) for i in kept] == [(1, pytest.approx(0.9), (3, 2), (3, 6), 18)]
+    assert len(instances_from_detections(dets, score_thr=0.3)) == 2
 
 
 # --- inputs and output names ----------------------------------------------------------------------

@@ -52,8 +52,15 @@ def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
     from oilleak.models.presets import build_model
 
     raw = read_checkpoint_file(ckpt)
-    model = build_model(config.model, config.num_classes)
     if raw.get("format") != FORMAT:
+        meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+        mmdet_classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")  # mmdet 3.x / 2.x
+        if mmdet_classes is not None and list(mmdet_classes) != list(config.data.classes):
+            raise OilleakError(
+                f"mmdetection checkpoint {ckpt} was trained on the classes {list(mmdet_classes)}, but the config's "
+                f"data.classes are {list(config.data.classes)}; use the same class names in the same order"
+            )
+        model = build_model(config.model, config.num_classes)
         report = load_weights(model, raw)
         report.source = str(ckpt)
         if report.skipped or report.missing:  # a part of the model would keep random weights: metrics meaningless
@@ -74,6 +81,7 @@ def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
             f"checkpoint {ckpt} holds a {trained} model but the config's model.preset is {config.model.preset}; "
             f"add --set model.preset={trained}"
         )
+    model = build_model(config.model, config.num_classes)
     missing, unexpected = model.load_state_dict(raw["state_dict"], strict=False)
     if missing or unexpected:
         raise OilleakError(
