@@ -11,7 +11,7 @@ Two ways in, one way to build:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from oilleak.config import ModelConfig
@@ -93,14 +93,14 @@ HTC_STAGES = (
 
 @dataclass(frozen=True)
 class RoIHeadSpec:
+    # Background + one per class, as oilleak derives the semantic maps; COCO-stuff checkpoints have 183.
+    semantic_num_classes: int
     stages: tuple[CascadeStageSpec, ...] = HTC_STAGES
     fc_channels: int = 1024
     mask_channels: int = 256
     mask_num_convs: int = 4
     semantic_channels: int = 256
     semantic_num_convs: int = 4
-    # None: background + one per class, as oilleak derives the maps; COCO-stuff checkpoints use 183.
-    semantic_num_classes: int | None = None
     semantic_loss_weight: float = 0.2
     featmap_strides: tuple[int, ...] = (4, 8, 16, 32)
     semantic_stride: int = 8
@@ -110,7 +110,7 @@ class RoIHeadSpec:
 
 
 @dataclass(frozen=True)
-class TestSpec:
+class InferenceSpec:
     score_thr: float = 0.001
     nms_iou: float = 0.5
     max_per_img: int = 100
@@ -121,11 +121,11 @@ class TestSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     num_classes: int
+    roi_head: RoIHeadSpec
     backbone: BackboneSpec = BackboneSpec()
     neck: NeckSpec = NeckSpec()
     rpn: RPNSpec = RPNSpec()
-    roi_head: RoIHeadSpec = RoIHeadSpec()
-    test: TestSpec = field(default_factory=TestSpec)
+    inference: InferenceSpec = InferenceSpec()
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -133,13 +133,13 @@ class ModelSpec:
 
 def detectors_htc_r50(num_classes: int) -> ModelSpec:
     """mmdet's detectors_htc-r50_1x_coco: ResNet-50 with AWS + SAC, RFP neck, HTC head."""
-    return ModelSpec(num_classes=num_classes)
+    return ModelSpec(num_classes=num_classes, roi_head=RoIHeadSpec(semantic_num_classes=num_classes + 1))
 
 
 def htc_r50(num_classes: int) -> ModelSpec:
     """mmdet's htc_r50_fpn_1x_coco: plain ResNet-50, FPN, HTC head."""
     plain = BackboneSpec(use_aws=False, stage_with_sac=(False, False, False, False))
-    return ModelSpec(num_classes=num_classes, backbone=plain, neck=NeckSpec(rfp=None))
+    return replace(detectors_htc_r50(num_classes), backbone=plain, neck=NeckSpec(rfp=None))
 
 
 def _tiny(spec: ModelSpec) -> ModelSpec:
@@ -167,14 +167,14 @@ PRESETS: dict[str, Callable[[int], ModelSpec]] = {
 def preset_spec(model_cfg: ModelConfig, num_classes: int) -> ModelSpec:
     """The named preset with the test settings of ``model_cfg``."""
     spec = PRESETS[model_cfg.preset](num_classes)
-    test = TestSpec(
+    inference = InferenceSpec(
         score_thr=model_cfg.score_thr,
         nms_iou=model_cfg.nms_iou,
         max_per_img=model_cfg.max_per_img,
         mask_thr=model_cfg.mask_thr,
         mask_merge=model_cfg.mask_merge,
     )
-    return replace(spec, test=test)
+    return replace(spec, inference=inference)
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int) -> HybridTaskCascade:
@@ -223,7 +223,7 @@ def build_rpn_head(spec: RPNSpec, in_channels: int) -> RPNHead:
     )
 
 
-def _roi_head(spec: RoIHeadSpec, test: TestSpec, in_channels: int, num_classes: int) -> HybridTaskCascadeRoIHead:
+def _roi_head(spec: RoIHeadSpec, inference: InferenceSpec, in_channels: int, num_classes: int) -> HybridTaskCascadeRoIHead:
     stages = spec.stages
     return HybridTaskCascadeRoIHead(
         bbox_heads=[
@@ -247,7 +247,7 @@ def _roi_head(spec: RoIHeadSpec, test: TestSpec, in_channels: int, num_classes: 
             for t in range(len(stages))
         ],
         semantic_head=FusedSemanticHead(
-            num_classes=spec.semantic_num_classes or num_classes + 1,
+            num_classes=spec.semantic_num_classes,
             in_channels=in_channels,
             conv_out_channels=spec.semantic_channels,
             num_convs=spec.semantic_num_convs,
@@ -264,11 +264,11 @@ def _roi_head(spec: RoIHeadSpec, test: TestSpec, in_channels: int, num_classes: 
         finest_scale=spec.finest_scale,
         bbox_roi_size=spec.bbox_roi_size,
         mask_roi_size=spec.mask_roi_size,
-        score_thr=test.score_thr,
-        nms_iou=test.nms_iou,
-        max_per_img=test.max_per_img,
-        mask_thr=test.mask_thr,
-        mask_merge=test.mask_merge,
+        score_thr=inference.score_thr,
+        nms_iou=inference.nms_iou,
+        max_per_img=inference.max_per_img,
+        mask_thr=inference.mask_thr,
+        mask_merge=inference.mask_merge,
     )
 
 
@@ -279,7 +279,7 @@ def build_from_spec(spec: ModelSpec) -> HybridTaskCascade:
         backbone=backbone,
         neck=_neck(spec.neck, backbone.out_channels),
         rpn_head=build_rpn_head(spec.rpn, spec.neck.out_channels),
-        roi_head=_roi_head(spec.roi_head, spec.test, spec.neck.out_channels, spec.num_classes),
+        roi_head=_roi_head(spec.roi_head, spec.inference, spec.neck.out_channels, spec.num_classes),
     )
 
 
@@ -447,7 +447,7 @@ def _stage_from_mmdet(head: _MMDetDict, train: _MMDetDict, loss_weight: float) -
     )
 
 
-def _roi_head_from_mmdet(roi: _MMDetDict, train: _MMDetDict, test: _MMDetDict, in_channels: int) -> tuple[RoIHeadSpec, TestSpec, int]:
+def _roi_head_from_mmdet(roi: _MMDetDict, train: _MMDetDict, test: _MMDetDict, in_channels: int) -> tuple[RoIHeadSpec, InferenceSpec, int]:
     roi.expect("type", "HybridTaskCascadeRoIHead")
     roi.expect("interleaved", True)
     roi.expect("mask_info_flow", True)
@@ -513,14 +513,14 @@ def _roi_head_from_mmdet(roi: _MMDetDict, train: _MMDetDict, test: _MMDetDict, i
     )
     rcnn = test.sub("rcnn")
     rcnn.sub("nms").expect("type", "nms")
-    test_spec = TestSpec(
+    inference_spec = InferenceSpec(
         score_thr=rcnn["score_thr"],
         nms_iou=rcnn["nms"]["iou_threshold"],
         max_per_img=rcnn["max_per_img"],
         mask_thr=rcnn["mask_thr_binary"],
         mask_merge="last",  # what mmdet 3.3 does
     )
-    return spec, test_spec, num_classes
+    return spec, inference_spec, num_classes
 
 
 def spec_from_mmdet(model_dict: dict[str, Any]) -> ModelSpec:
@@ -533,8 +533,8 @@ def spec_from_mmdet(model_dict: dict[str, Any]) -> ModelSpec:
         raise OilleakError("model.backbone.output_img must be True exactly when model.neck is an RFP (it feeds the image to the second backbone)")
     train, test = model.sub("train_cfg"), model.sub("test_cfg")
     rpn = _rpn_from_mmdet(model.sub("rpn_head"), train, test, neck.out_channels)
-    roi_head, test_spec, num_classes = _roi_head_from_mmdet(model.sub("roi_head"), train, test, neck.out_channels)
-    return ModelSpec(num_classes=num_classes, backbone=backbone, neck=neck, rpn=rpn, roi_head=roi_head, test=test_spec)
+    roi_head, inference_spec, num_classes = _roi_head_from_mmdet(model.sub("roi_head"), train, test, neck.out_channels)
+    return ModelSpec(num_classes=num_classes, backbone=backbone, neck=neck, rpn=rpn, roi_head=roi_head, inference=inference_spec)
 
 
 def model_from_mmdet_config(model_dict: dict[str, Any], *, mask_merge: Literal["mean", "last"] = "last") -> HybridTaskCascade:
@@ -542,4 +542,4 @@ def model_from_mmdet_config(model_dict: dict[str, Any], *, mask_merge: Literal["
     'last'. To train with other sampler settings, e.g. a parity fixture's deterministic ones, pass
     ``{**model_dict, "train_cfg": loss_train_cfg}``."""
     spec = spec_from_mmdet(model_dict)
-    return build_from_spec(replace(spec, test=replace(spec.test, mask_merge=mask_merge)))
+    return build_from_spec(replace(spec, inference=replace(spec.inference, mask_merge=mask_merge)))
