@@ -235,7 +235,8 @@ def compare_detections(
 def compare_masks(section: str, masks: Tensor, ref_rles: Sequence[dict[str, Any]], pairs: list[tuple[int, int]]) -> Check:
     """Mask IoU of every matched detection, by pycocotools on mmdet's RLEs; the row shows the worst."""
     if not pairs:
-        return Check(section, "masks", False, "no matched detections to compare")
+        nothing_to_compare = len(masks) == 0 and len(ref_rles) == 0
+        return Check(section, "masks", nothing_to_compare, "no detections on either side" if nothing_to_compare else "no matched detections to compare")
     ious = []
     for ours_index, ref_index in pairs:
         ref_rle = dict(ref_rles[ref_index])

@@ -3,12 +3,14 @@ when it does not (a perturbed weight) or cannot tell (a file that is not a fixtu
 
 from __future__ import annotations
 
+import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from oilleak.cli import app
-from oilleak.parity import END_TO_END, END_TO_END_LOSSES, STAGES, run_parity
+from oilleak.parity import END_TO_END, END_TO_END_LOSSES, STAGES, compare_detections, compare_masks, run_parity
 
 FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 
@@ -78,3 +80,32 @@ def test_cli_refuses_files_that_are_not_fixtures(fixtures_dir, tmp_path):
 
     result = CliRunner().invoke(app, ["parity", str(tmp_path / "missing.pt")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_detection_matching_and_mask_iou_hand_computed():
+    ref = {
+        "bboxes": torch.tensor([[0.0, 0.0, 100.0, 100.0], [50.0, 50.0, 150.0, 150.0], [0.0, 0.0, 10.0, 10.0]]),
+        "scores": torch.tensor([0.9, 0.8, 0.7]),
+        "labels": torch.tensor([1, 2, 3]),
+    }
+    boxes = torch.tensor([[50.0, 50.0, 150.0, 150.0], [0.0, 0.0, 100.0, 100.05], [0.0, 0.0, 10.0, 10.0]])
+    # box 0 = ref 1 exactly; box 1 ~ ref 0 (IoU 100/100.05 = 0.9995); box 2 = ref 2 but another label
+    check, pairs = compare_detections("s", "dets", boxes, torch.tensor([0.8, 0.90005, 0.7]), torch.tensor([2, 1, 0]), ref)
+    assert sorted(pairs) == [(0, 1), (1, 0)]
+    assert not check.passed and check.detail.startswith("2/3 matched")
+    # an IoU below 0.999 or a score 2e-4 off does not match
+    _, pairs = compare_detections("s", "dets", boxes[:2] + torch.tensor([0.0, 0.0, 0.0, 0.2]), torch.tensor([0.8, 0.9]), torch.tensor([2, 1]), ref)
+    assert pairs == []
+    _, pairs = compare_detections("s", "dets", boxes[:1], torch.tensor([0.8002]), torch.tensor([2]), ref)
+    assert pairs == []
+
+    square = np.zeros((20, 30), dtype=np.uint8)
+    square[0:10, 0:10] = 1
+    rle = mask_utils.encode(np.asfortranarray(square))
+    ref_rles = [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}]
+    same = torch.from_numpy(square.astype(bool))[None]
+    assert compare_masks("s", same, ref_rles, [(0, 0)]).passed
+    smaller = same.clone()
+    smaller[0, 8:10] = False  # 80 of the 100 pixels: IoU 0.8
+    check = compare_masks("s", smaller, ref_rles, [(0, 0)])
+    assert not check.passed and "worst IoU 0.80000" in check.detail
