@@ -12,6 +12,7 @@ from oilleak.models.box_ops import (
     MAX_LOG_SCALE,
     NEGATIVE,
     NMS_SPLIT_THRESHOLD,
+    AssignResult,
     DeltaXYWHBoxCoder,
     MaxIoUAssigner,
     RandomSampler,
@@ -141,8 +142,6 @@ def test_assigner_without_gt_makes_everything_negative():
 
 def _assignment(num_pos: int, num_neg: int, num_ignored: int, num_gts: int = 2):
     """An assignment over a shuffled candidate list with known positive / negative / ignored counts."""
-    from oilleak.models.box_ops import AssignResult
-
     gt_inds = torch.tensor([1 + i % num_gts for i in range(num_pos)] + [NEGATIVE] * num_neg + [IGNORED] * num_ignored)
     gt_inds = gt_inds[torch.randperm(len(gt_inds), generator=torch.Generator().manual_seed(3))]
     labels = torch.where(gt_inds > 0, gt_inds + 10, torch.full_like(gt_inds, -1))
