@@ -1,0 +1,100 @@
+"""Prediction throughput (images/s) of `oilleak predict` on CPU, for the tiny and the full DetectoRS preset.
+
+Each preset is built untrained, saved with save_checkpoint and loaded back the way `oilleak predict` does;
+one image warms up, then N BSData images (1130x460 and the like, resized to the config's 1333x800) go
+through the whole predict loop: read, infer, outlines, overlay, JSON, summary. The model's share is timed
+separately. Untrained, a model keeps its 100 detections per image at the default threshold (they all
+score ~1.0), so the file-writing share is a worst case: a trained model finds a few stains per image.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_predict.py --presets detectors_htc_r50_tiny:5,detectors_htc_r50:3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from oilleak.config import config_from_dict
+from oilleak.data.transforms import load_image
+from oilleak.engine.predict import Predictor, find_images, predict_images
+from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
+from oilleak.models.presets import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+BSDATA = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared")) / "data" / "bsdata" / "train"
+
+
+class Timed:
+    """The predictor, with the seconds spent inside it."""
+
+    def __init__(self, predict):
+        self.predict, self.seconds = predict, 0.0
+
+    def __call__(self, image):
+        start = time.perf_counter()
+        out = self.predict(image)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def bench(preset: str, images: list[Path], warmup: Path, work: Path) -> dict:
+    config = config_from_dict({"data": {"data_root": "unused", "classes": ["Pitting"]}, "model": {"preset": preset}})
+    torch.manual_seed(0)
+    save_checkpoint(work / f"{preset}.pth", model=build_model(config.model, 1), config=config)
+    model, config = model_from_checkpoint(work / f"{preset}.pth")
+    timed = Timed(Predictor(model, config, torch.device("cpu"), config.predict.score_thr))
+    timed(load_image(warmup))
+    timed.seconds = 0.0
+    sources, _ = find_images([str(p) for p in images])
+    start = time.perf_counter()
+    report = predict_images(timed, sources, work / preset, ["Pitting"], score_thr=config.predict.score_thr, progress=False)
+    total = time.perf_counter() - start
+    return {
+        "preset": preset,
+        "images": report.processed,
+        "sizes": sorted({f"{load_image(p).shape[1]}x{load_image(p).shape[0]}" for p in images}),
+        "instances_per_image": report.instances / report.processed,
+        "seconds_total": round(total, 2),
+        "seconds_model": round(timed.seconds, 2),
+        "images_per_s": round(report.processed / total, 4),
+        "model_s_per_image": round(timed.seconds / report.processed, 2),
+        "outputs_s_per_image": round((total - timed.seconds) / report.processed, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="detectors_htc_r50_tiny:5,detectors_htc_r50:3", help="PRESET:N_IMAGES,...")
+    parser.add_argument("--images", type=Path, default=BSDATA, help="folder of images (default: ../shared BSData)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    files = sorted(args.images.glob("*.jpg"))
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_before": os.getloadavg(),
+    }
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in args.presets.split(","):
+            preset, n = item.split(":")
+            results.append(bench(preset, files[1 : 1 + int(n)], files[0], Path(tmp)))
+            print(json.dumps(results[-1]), flush=True)
+    machine["load_average_after"] = os.getloadavg()
+    print(json.dumps(machine))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
