@@ -139,19 +139,36 @@ def check(
 
 @app.command()
 @friendly_errors
-def parity(
-    fixture: Annotated[Path, typer.Argument(help="an mmdet parity fixture (.pt), e.g. ../shared/fixtures/mmdet/htc_small.pt")],
-    threads: Annotated[int, typer.Option(min=1, help="CPU threads; the fixtures were made with 2 (float32 sums follow the count)")] = 2,
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    work_dir: Annotated[Optional[Path], typer.Option(help="where checkpoints and logs go [default: train.work_dir]")] = None,
+    load_from: Annotated[Optional[str], typer.Option(help="start from these weights: an oilleak or mmdetection checkpoint")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option(help="torchvision's ImageNet ResNet-50 .pth for both ResNets")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the training in --work-dir from its latest.pth")] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(help="continue the training saved in this checkpoint")] = None,
+    auto_scale_lr: Annotated[bool, typer.Option("--auto-scale-lr", help="scale train.lr by total batch / train.base_batch_size")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when available]")] = None,
+    amp: Annotated[bool, typer.Option("--amp", help="mixed precision on CUDA (ignored on CPU)")] = False,
+    max_iters: Annotated[Optional[int], typer.Option(min=1, help="stop (resumably) after this many iterations")] = None,
+    set_: SetOption = None,
 ) -> None:
-    """Check oilleak against mmdetection 3.3, stage by stage and end to end, on a parity fixture.
+    """Train on one CPU or GPU; on several GPUs or nodes run it under torchrun:
+    torchrun --nproc_per_node 2 -m oilleak train CONFIG [OPTIONS].
 
-    Exit code 0 when every check passes, 1 when one fails, 2 when the fixture cannot be used."""
-    from oilleak.parity import print_report, run_parity
+    --resume continues from WORK_DIR/latest.pth (model, optimiser, schedule, data order, RNG, best metric);
+    --resume-from CKPT continues from another checkpoint; --load-from only takes the weights and starts anew."""
+    from oilleak.config import load_config
+    from oilleak.engine.train import TrainOptions, run_training
 
-    report = run_parity(fixture, threads=threads)
-    print_report(report, console)
-    if not report.passed:
-        raise typer.Exit(1)
+    cfg = load_config(config, set_ or [])
+    options = TrainOptions(
+        work_dir=work_dir, load_from=load_from, backbone_weights=backbone_weights, resume=resume,
+        resume_from=resume_from, auto_scale_lr=auto_scale_lr, device=device, amp=amp, max_iters=max_iters,
+        config_name=str(config),
+    )
+    result = run_training(cfg, options, console)
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)  # 128 + signal number, as shells report
 
 
 @app.command("test")

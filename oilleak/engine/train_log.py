@@ -77,6 +77,7 @@ class TrainLog:
             TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
             console=self.console,
+            disable=not self.console.is_terminal,  # logs to a file get the log lines, not bar redraws
         )
         self._progress.start()
         self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step, status="")

@@ -36,6 +36,12 @@ OUTPUT_NAMES = ("config.yaml", "log.jsonl", "latest.pth", "best.pth", "loss_curv
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth")
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict[str, Any]:
     """This process's RNG states, in types ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()

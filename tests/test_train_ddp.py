@@ -1,0 +1,102 @@
+"""Two training processes on CPU (gloo): both train the same model; an exception on one rank ends both.
+
+Run as a script, this file is one rank of such a training (the tests start it under torchrun, or as two
+plain processes to show the ranks stop each other without torchrun's agent).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _worker(data_root: str, work_dir: str, out_dir: str, max_iters: int, fail_rank: int) -> None:
+    sys.path.insert(0, str(HERE))
+    from test_train_loop import quiet, shapes_config
+
+    from oilleak.data.dataset import CocoDataset
+    from oilleak.engine.train import TrainOptions, run_training
+
+    rank = int(os.environ["RANK"])
+    if rank == fail_rank:
+        real_getitem, calls = CocoDataset.__getitem__, []
+
+        def failing_getitem(self, index):
+            calls.append(index)
+            if len(calls) == 4:  # 2 batches set the BatchNorm statistics, then training step 2
+                raise RuntimeError(f"injected failure on rank {rank}")
+            return real_getitem(self, index)
+
+        CocoDataset.__getitem__ = failing_getitem
+    cfg = shapes_config(Path(data_root), Path(work_dir), train={"epochs": 2, "milestones": [2]})
+    result = run_training(cfg, TrainOptions(max_iters=max_iters, device="cpu"), quiet())
+    torch.save(result.model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shapes4(tmp_path_factory) -> Path:
+    from test_train_loop import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("shapes4"), images=4, size=96)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+
+
+def test_two_ranks_train_the_same_model(shapes4, tmp_path):
+    # 4 images, 2 ranks x batch 1: 2 steps per epoch; 3 steps cross an epoch end (evaluation on rank 0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "test_train_ddp.py"), str(shapes4), str(tmp_path / "work"), str(tmp_path), "3", "-1"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    state = torch.load(tmp_path / "work" / "latest.pth", weights_only=True)
+    assert state["train_state"]["iteration"] == 3 and state["train_state"]["world_size"] == 2
+    assert len(state["train_state"]["rng"]) == 2  # each rank's RNG, for an exact resume
+    for key in rank0:  # and what rank 0 saved is what both ranks hold
+        assert torch.equal(rank0[key], state["state_dict"][key]), key
+    initial = torch.load(tmp_path / "work" / "epoch_1.pth", weights_only=True)["state_dict"]
+    assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)  # it did train after epoch 1
+
+
+def test_an_exception_on_one_rank_stops_both(shapes4, tmp_path):
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):  # plain processes: no torchrun agent to kill the survivor
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, str(HERE / "test_train_ddp.py"), str(shapes4), str(tmp_path / "work"), str(tmp_path),
+               "4", "1"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]  # a hang fails here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode != 0 and "injected failure on rank 1" in outputs[1][1]
+    assert procs[0].returncode != 0
+    assert "rank 1 (RuntimeError: injected failure on rank 1) failed" in outputs[0][1], outputs[0][1][-2000:]
+    assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()
+
+
+if __name__ == "__main__":
+    data_root, work_dir, out_dir, max_iters, fail_rank = sys.argv[1:6]
+    _worker(data_root, work_dir, out_dir, int(max_iters), int(fail_rank))
