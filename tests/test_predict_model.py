@@ -142,10 +142,11 @@ def test_cli_predict_exit_codes(ckpt, sample_dir, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
     out = tmp_path / "predictions"
-    result = runner.invoke(app, ["predict", str(ckpt), str(good), str(broken), "--out-dir", str(out), "--device", "cpu"])
+    result = runner.invoke(app, ["predict", str(ckpt), str(good), str(broken), "--out-dir", str(out), "--device", "cpu",
+                                 "--tile", "600", "--save-labelme"])
     assert result.exit_code == 0, result.output
     assert "1 images predicted" in result.output and "broken.jpg" in result.output
-    assert (out / "overlays" / f"{good.stem}.jpg").is_file()
+    assert (out / "overlays" / f"{good.stem}.jpg").is_file() and (out / "labelme" / f"{good.stem}.json").is_file()
     # a second run never touches the first one's files
     before = (out / "summary.csv").read_bytes()
     result = runner.invoke(app, ["predict", str(ckpt), str(broken), "--out-dir", str(out)])

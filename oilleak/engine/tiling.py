@@ -83,9 +83,26 @@ def _union(group: list[Instance]) -> Instance:
     return Instance(group[0].label, max(i.score for i in group), box, mask, (x0, y0))
 
 
+def _candidates(a: list[Instance], b: list[Instance], shared: Window) -> list[tuple[int, int]]:
+    """Pairs (i, j) of the same class whose extents overlap each other and the shared area: the only
+    ones `same_object` can accept (a vectorised filter, so large tiled images stay fast)."""
+    if not a or not b:
+        return []
+    ea, eb = np.array([_extent(i) for i in a]), np.array([_extent(i) for i in b])
+    la, lb = np.array([i.label for i in a]), np.array([i.label for i in b])
+    x0, y0, x1, y1 = shared
+    in_a = (ea[:, 0] < x1) & (ea[:, 2] > x0) & (ea[:, 1] < y1) & (ea[:, 3] > y0)
+    in_b = (eb[:, 0] < x1) & (eb[:, 2] > x0) & (eb[:, 1] < y1) & (eb[:, 3] > y0)
+    overlap = (ea[:, None, 0] < eb[None, :, 2]) & (eb[None, :, 0] < ea[:, None, 2])
+    overlap &= (ea[:, None, 1] < eb[None, :, 3]) & (eb[None, :, 1] < ea[:, None, 3])
+    keep = overlap & (la[:, None] == lb[None, :]) & in_a[:, None] & in_b[None, :]
+    return list(zip(*np.nonzero(keep)))
+
+
 def merge_tiles(tiles: list[tuple[Window, list[Instance]]], threshold: float = MATCH_THRESHOLD) -> list[Instance]:
     """Instances of all tiles (already in image pixels) with each object seen by several tiles kept once."""
-    flat = [(t, inst) for t, (_, instances) in enumerate(tiles) for inst in instances]
+    offsets = np.cumsum([0] + [len(instances) for _, instances in tiles])
+    flat = [inst for _, instances in tiles for inst in instances]
     parent = list(range(len(flat)))
 
     def root(i: int) -> int:
@@ -94,16 +111,17 @@ def merge_tiles(tiles: list[tuple[Window, list[Instance]]], threshold: float = M
             i = parent[i]
         return i
 
-    for i, (ti, a) in enumerate(flat):
-        for j in range(i + 1, len(flat)):
-            tj, b = flat[j]
-            if ti == tj:
+    for ti, (window_i, instances_i) in enumerate(tiles):
+        for tj in range(ti + 1, len(tiles)):
+            window_j, instances_j = tiles[tj]
+            shared = _intersect(window_i, window_j)
+            if shared is None:
                 continue
-            shared = _intersect(tiles[ti][0], tiles[tj][0])
-            if shared is not None and same_object(a, b, shared, threshold):
-                parent[root(j)] = root(i)
+            for i, j in _candidates(instances_i, instances_j, shared):
+                if same_object(instances_i[i], instances_j[j], shared, threshold):
+                    parent[root(int(offsets[tj] + j))] = root(int(offsets[ti] + i))
     groups: dict[int, list[Instance]] = {}
-    for i, (_, inst) in enumerate(flat):
+    for i, inst in enumerate(flat):
         groups.setdefault(root(i), []).append(inst)
     merged = [g[0] if len(g) == 1 else _union(g) for g in groups.values()]
     return sorted(merged, key=lambda inst: -inst.score)
