@@ -97,3 +97,10 @@ def test_out_path_is_checked_before_anything_runs(tmp_path):
     with pytest.raises(OilleakError, match=r"\.json.*\.pkl"):
         check_out_path(tmp_path / "test.txt", overwrite=False)
     assert existing.read_bytes() == b"user data"
+
+
+def test_show_paths_keep_dataset_names_unique(tmp_path):
+    from oilleak.engine.evaluate_checkpoint import show_paths
+
+    paths = show_paths(tmp_path, [(1, "a.jpg"), (2, "a.png"), (3, "sub/a.jpg"), (4, "b.tif")])
+    assert paths == {1: tmp_path / "a.jpg", 2: tmp_path / "a.png", 3: tmp_path / "sub" / "a.jpg", 4: tmp_path / "b.tif.png"}

@@ -101,8 +101,14 @@ def check_out_path(out: Path | None, overwrite: bool) -> None:
 
 
 def show_paths(show_dir: Path, images: list[tuple[int, str]]) -> dict[int, Path]:
-    """Where each image's picture goes: its dataset file name (sub-folders kept) as .jpg under show_dir."""
-    return {image_id: show_dir / Path(file_name).with_suffix(".jpg") for image_id, file_name in images}
+    """Where each image's picture goes: under show_dir, at its dataset file name (sub-folders kept; names
+    stay unique because the dataset's are), with ``.png`` added to names PIL cannot write by suffix."""
+
+    def picture(file_name: str) -> Path:
+        path = Path(file_name)
+        return path if path.suffix.lower() in (".jpg", ".jpeg", ".png") else path.with_name(path.name + ".png")
+
+    return {image_id: show_dir / picture(file_name) for image_id, file_name in images}
 
 
 def _check_show_dir(paths: dict[int, Path], overwrite: bool) -> None:
