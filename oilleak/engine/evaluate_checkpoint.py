@@ -39,7 +39,6 @@ class TestOutcome:
     result: EvalResult
     report_dir: Path
     written: list[Path] = field(default_factory=list)
-    load_note: str = ""  # the weight-load report of an mmdetection checkpoint
 
 
 def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
@@ -207,6 +206,8 @@ def run_test(
     progress: bool = True,
     on_load: Callable[[str], None] | None = None,
 ) -> TestOutcome:
+    """Evaluate ``ckpt`` on ``split`` and write everything (module docstring); ``on_load`` receives the
+    weight-load report of an mmdetection checkpoint before the (long) inference starts."""
     from oilleak.data.dataset import build_dataset
 
     check_out_path(out, overwrite)
@@ -240,4 +241,4 @@ def run_test(
     if show_dir is not None:
         write_pictures(dataset, images, pictures, class_names, thr, progress)
         written.append(show_dir)
-    return TestOutcome(result, report_dir, written, load_note)
+    return TestOutcome(result, report_dir, written)
