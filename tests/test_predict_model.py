@@ -1,11 +1,14 @@
 """`oilleak predict` with the real model: an untrained detectors_htc_r50_tiny saved with save_checkpoint,
 run on the bundled sample and on BSData images; the labelme round trip; a tiled run; the CLI's exit codes.
-(Untrained, it finds 100 random instances per image, all scoring about 1.0.)"""
+Its frozen BatchNorms get statistics from two sample images first (`calibrate_frozen_batchnorm`, what
+training from random weights does), so its ~100 random instances per image have varied scores (~0.5-0.7)
+instead of all saturating at 1.0."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,8 @@ from typer.testing import CliRunner
 from oilleak.cli import app
 from oilleak.config import config_from_dict
 from oilleak.data.labelme import convert_labelme
-from oilleak.data.transforms import load_image
+from oilleak.data.transforms import load_image, pad_batch, prepare_image
+from oilleak.engine.from_scratch import calibrate_frozen_batchnorm
 from oilleak.engine.instances import fill_holes
 from oilleak.engine.predict import Predictor, find_images, predict_images, run_predict
 from oilleak.engine.tiling import tile_windows
@@ -30,16 +34,19 @@ from oilleak.models.presets import build_model
 torch.__version__ = str(torch.__version__)
 
 SCALE = (512, 320)  # small inputs keep the CPU tests quick; the architecture is the real one
+SAMPLE = Path(__file__).resolve().parents[1] / "sample" / "bsdata"  # as conftest.SAMPLE
 
 
 def tiny_checkpoint(path, classes, data_root="data"):
-    """An untrained tiny DetectoRS saved as an oilleak checkpoint."""
+    """An untrained tiny DetectoRS (BatchNorm statistics from two sample images) saved as an oilleak checkpoint."""
     config = config_from_dict({
         "data": {"data_root": str(data_root), "classes": list(classes), "scale": list(SCALE), "workers": 0},
         "model": {"preset": "detectors_htc_r50_tiny"},
     })
     torch.manual_seed(0)
     model = build_model(config.model, len(classes))
+    images = sorted(SAMPLE.glob("*.jpg"))[:2]
+    calibrate_frozen_batchnorm(model, [pad_batch([prepare_image(load_image(p), SCALE)[0]])[0] for p in images])
     save_checkpoint(path, model=model, config=config)
     return path
 
@@ -165,10 +172,11 @@ def test_cli_predict_exit_codes(ckpt, sample_dir, tmp_path):
 
 def test_run_predict_thresholds_and_fresh_folder(ckpt, sample_dir, tmp_path):
     image = sorted(sample_dir.glob("*.jpg"))[5]
-    first = run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=0.0, device="cpu", progress=False)
-    second = run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", device="cpu", progress=False)
-    assert (first.out_dir, second.out_dir) == (tmp_path / "p", tmp_path / "p-2")  # the first run's files stay
-    records = [json.loads((r.out_dir / "instances" / f"{image.stem}.json").read_text()) for r in (first, second)]
-    assert [r["score_thr"] for r in records] == [0.0, 0.3]  # default: the checkpoint's predict.score_thr
-    assert all(i["score"] >= 0.3 for i in records[1]["instances"])
-    assert first.instances == len(records[0]["instances"]) > 0
+    runs = [run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=thr, device="cpu", progress=False)
+            for thr in (0.0, None, 0.6)]
+    assert [r.out_dir for r in runs] == [tmp_path / "p", tmp_path / "p-2", tmp_path / "p-3"]  # earlier files stay
+    records = [json.loads((r.out_dir / "instances" / f"{image.stem}.json").read_text()) for r in runs]
+    assert [r["score_thr"] for r in records] == [0.0, 0.3, 0.6]  # None: the checkpoint's predict.score_thr
+    for record, thr in zip(records, (0.0, 0.3, 0.6)):
+        assert all(i["score"] >= thr for i in record["instances"])
+    assert len(records[0]["instances"]) > len(records[2]["instances"])
