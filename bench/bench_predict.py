@@ -3,8 +3,8 @@
 Each preset is built untrained, saved with save_checkpoint and loaded back the way `oilleak predict` does;
 one image warms up, then N BSData images (1130x460 and the like, resized to the config's 1333x800) go
 through the whole predict loop: read, infer, outlines, overlay, JSON, summary. The model's share is timed
-separately. Untrained, a model keeps its 100 detections per image at the default threshold (they all
-score ~1.0), so the file-writing share is a worst case: a trained model finds a few stains per image.
+separately. Untrained, the tiny model keeps ~94 of its 100 detections per image at the default threshold
+0.3 (a worst case for the file writing: a trained model finds a few stains per image) and the full one none.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_predict.py --presets detectors_htc_r50_tiny:5,detectors_htc_r50:3
 """
