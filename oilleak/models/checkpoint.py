@@ -56,7 +56,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra
         "state_dict": model.state_dict(),
         "meta": {
             "oilleak": oilleak.__version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
