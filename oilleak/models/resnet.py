@@ -80,8 +80,8 @@ class ResNet(nn.Module):
     """Bottleneck ResNet returning C2..C5; see the module docstring for the DetectoRS options.
 
     ``frozen_stages``: the stem and the first ``frozen_stages`` stages get ``requires_grad=False`` and stay in
-    eval mode (0: the stem only, -1: nothing, as in mmdet). ``norm_eval``: every BatchNorm stays in eval mode in training (running statistics frozen), while
-    the affine parameters of unfrozen stages still train. Both as in mmdet.
+    eval mode (0: the stem only, -1: nothing). ``norm_eval``: every BatchNorm stays in eval mode in training
+    (running statistics frozen), while the affine parameters of unfrozen stages still train. Both as in mmdet.
     """
 
     def __init__(
