@@ -9,8 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
+from oilleak.config import Config, DataConfig
 from oilleak.errors import OilleakError
-from oilleak.models.checkpoint import LoadReport, load_torchvision_resnet, load_weights
+from oilleak.models.checkpoint import LoadReport, load_torchvision_resnet, load_weights, save_checkpoint
 from oilleak.models.layers import ConvAWS2d
 from oilleak.models.resnet import ResNet
 from oilleak.models.rfp import RFP
@@ -131,6 +132,18 @@ def test_mmdet_checkpoint_with_module_prefix_and_optimizer_loads_everything(tmp_
     for key, value in target.state_dict().items():
         assert torch.equal(value, state[f"module.{key}"]), key
     assert report.format().startswith(f"weights from {path}: {len(state)} tensors loaded, 0 skipped")
+
+
+def test_oilleak_checkpoint_loads_through_the_same_function(tmp_path):
+    torch.manual_seed(1)
+    source = toy_detector(6)
+    path = tmp_path / "oilleak.pth"
+    save_checkpoint(path, model=source, config=Config(data=DataConfig(data_root="data", classes=list("abcdef"))))
+    target = toy_detector(6)
+    report = load_weights(target, path)
+    assert len(report.loaded) == len(source.state_dict())
+    assert (report.skipped, report.missing, report.unexpected) == ([], [], [])
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
 
 
 def test_other_class_count_skips_exactly_the_class_layers_and_keeps_their_init():
