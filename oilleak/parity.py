@@ -48,6 +48,9 @@ FEATURE_TOL = 1e-4
 LOSS_TOL = 1e-4
 MIN_MATCHED = 0.99
 BOX_IOU = 0.999
+# Final boxes are never size-filtered, so zero-width boxes (clipped at the image edge) occur, and IoU is
+# undefined for them: such boxes match when every coordinate agrees within this many pixels.
+BOX_TOL_PX = 1e-3
 SCORE_TOL = 1e-4
 MASK_IOU = 0.99
 
@@ -200,11 +203,14 @@ def compare_lists(section: str, name: str, ours: Sequence[Tensor], refs: Sequenc
 def match_detections(
     boxes: Tensor, scores: Tensor, labels: Tensor, ref_boxes: Tensor, ref_scores: Tensor, ref_labels: Tensor
 ) -> list[tuple[int, int]]:
-    """One-to-one (ours, reference) pairs: same label, box IoU >= BOX_IOU, |score diff| <= SCORE_TOL; each
-    reference, best score first, takes the unmatched candidate it overlaps most."""
+    """One-to-one (ours, reference) pairs: same label, box IoU >= BOX_IOU (or, for degenerate boxes, every
+    coordinate within BOX_TOL_PX), |score diff| <= SCORE_TOL; each reference, best score first, takes the
+    unmatched candidate it overlaps most."""
     if len(boxes) == 0 or len(ref_boxes) == 0:
         return []
-    iou = box_iou(ref_boxes.float(), boxes.float())
+    iou = box_iou(ref_boxes.float(), boxes.float()).nan_to_num(0.0)
+    same_corners = (ref_boxes.float()[:, None, :] - boxes.float()[None, :, :]).abs().amax(dim=2) <= BOX_TOL_PX
+    iou = torch.where(same_corners, torch.ones_like(iou), iou)
     ok = (iou >= BOX_IOU) & ((ref_scores[:, None] - scores[None, :]).abs() <= SCORE_TOL) & (ref_labels[:, None] == labels[None, :])
     taken = torch.zeros(len(boxes), dtype=torch.bool)
     pairs = []

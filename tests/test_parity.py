@@ -98,6 +98,12 @@ def test_detection_matching_and_mask_iou_hand_computed():
     assert pairs == []
     _, pairs = compare_detections("s", "dets", boxes[:1], torch.tensor([0.8002]), torch.tensor([2]), ref)
     assert pairs == []
+    # zero-width boxes (clipped at the image edge; IoU undefined) match when their corners agree
+    flat = {"bboxes": torch.tensor([[452.0, 10.0, 452.0, 90.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}
+    _, pairs = compare_detections("s", "dets", torch.tensor([[452.0, 10.0, 452.0, 90.0005]]), torch.tensor([0.5]), torch.tensor([1]), flat)
+    assert pairs == [(0, 0)]
+    _, pairs = compare_detections("s", "dets", torch.tensor([[452.0, 10.0, 452.0, 90.01]]), torch.tensor([0.5]), torch.tensor([1]), flat)
+    assert pairs == []
 
     square = np.zeros((20, 30), dtype=np.uint8)
     square[0:10, 0:10] = 1
