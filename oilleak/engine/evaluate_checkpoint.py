@@ -47,7 +47,9 @@ def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
     An oilleak checkpoint must have been trained on the config's classes (same names, same order) and
     preset; an mmdetection checkpoint is loaded tensor by tensor with a report (``load_weights``).
     """
-    from oilleak.models.checkpoint import FORMAT, config_from_checkpoint, load_weights, read_checkpoint_file
+    from oilleak.models.checkpoint import (
+        FORMAT, build_with_weights, config_from_checkpoint, load_weights, read_checkpoint_file,
+    )
     from oilleak.models.presets import build_model
 
     raw = read_checkpoint_file(ckpt)
@@ -80,14 +82,7 @@ def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
             f"checkpoint {ckpt} holds a {trained} model but the config's model.preset is {config.model.preset}; "
             f"add --set model.preset={trained}"
         )
-    model = build_model(config.model, config.num_classes)
-    missing, unexpected = model.load_state_dict(raw["state_dict"], strict=False)
-    if missing or unexpected:
-        raise OilleakError(
-            f"checkpoint {ckpt} does not fit the {config.model.preset} model: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return model, ""
+    return build_with_weights(config, raw["state_dict"], ckpt), ""
 
 
 def check_out_path(out: Path | None, overwrite: bool) -> None:

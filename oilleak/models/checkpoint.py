@@ -102,20 +102,25 @@ def config_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint
         raise OilleakError(f"{exc}\nThe checkpoint was written by oilleak {ckpt.get('meta', {}).get('oilleak')}.") from None
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
-    """Build the model an oilleak checkpoint describes, load its weights, return it in eval mode."""
+def build_with_weights(config: Config, state_dict: dict[str, Any], path: str | Path) -> nn.Module:
+    """The model ``config`` describes with an oilleak checkpoint's weights: every tensor must fit."""
     from oilleak.models.presets import build_model  # late import: presets builds on this module's users
 
-    ckpt = load_checkpoint(path)
-    config = config_from_checkpoint(ckpt, path)
     model = build_model(config.model, config.num_classes)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise OilleakError(
-            f"checkpoint {path} does not match the model its config describes ({config.model.preset}): "
+            f"checkpoint {path} does not fit the {config.model.preset} model for {config.num_classes} classes: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    return model.to(device).eval(), config
+    return model
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
+    """Build the model an oilleak checkpoint describes, load its weights, return it in eval mode."""
+    ckpt = load_checkpoint(path)
+    config = config_from_checkpoint(ckpt, path)
+    return build_with_weights(config, ckpt["state_dict"], path).to(device).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------
