@@ -13,7 +13,7 @@ from PIL import Image
 from oilleak.config import TrainConfig
 from oilleak.engine.schedule import build_optimizer, choose_lr, lr_at, step_factor, warmup_factor
 from oilleak.engine.train_data import EpochBatches
-from oilleak.engine.train_log import plot_curves
+from oilleak.engine.train_log import grouped_losses, plot_curves
 from oilleak.engine.train_state import CheckpointFiles, capture_rng, existing_outputs, restore_rng
 
 
@@ -137,3 +137,9 @@ def test_loss_curve_png(tmp_path):
     plot_curves(records, tmp_path / "loss_curve.png")
     with Image.open(tmp_path / "loss_curve.png") as png:
         assert png.size[0] > 500 and png.size[1] > 200
+
+
+def test_progress_bar_groups_the_loss_terms():
+    losses = {"loss_rpn_cls": 0.25, "loss_rpn_bbox": 0.5, "loss_semantic_seg": 0.125, "s0.loss_cls": 1.0,
+              "s0.acc": 90.0, "s0.loss_mask": 2.0, "s2.loss_bbox": 4.0}
+    assert grouped_losses(losses) == {"rpn": 0.75, "semantic": 0.125, "s0": 3.0, "s2": 4.0}  # acc is no loss

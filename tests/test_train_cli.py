@@ -101,8 +101,9 @@ def test_bsdata_smoke_convert_train_resume(bsdata_dir, tmp_path):
             "--set", f"data.data_root={tmp_path / 'data'}", "--set", "data.scale=[256,128]",
             "--set", "data.batch_size=1", "--set", "data.workers=0", "--set", "model.preset=detectors_htc_r50_tiny",
             "--set", "train.log_interval=1", "--set", "train.warmup_iters=2", "--set", "train.lr=0.002"]
-    first = runner.invoke(app, [*args, "--max-iters", "1"])
+    first = runner.invoke(app, [*args, "--max-iters", "1", "--amp"])
     assert first.exit_code == 0, first.output
+    assert "--amp / train.amp is ignored on CPU" in first.output
     assert "lr 0.002 for a total batch of 1" in first.output and "--auto-scale-lr" in first.output
     assert "training from random weights" in first.output
     assert _iteration(work / "latest.pth") == 1 and (work / "config.yaml").is_file()

@@ -4,6 +4,7 @@ work dirs are never overwritten."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,8 +19,7 @@ from rich.console import Console
 from oilleak.config import config_from_dict
 from oilleak.engine.train import TrainingDiverged, TrainOptions, run_training
 from oilleak.errors import OilleakError
-
-torch.__version__ = str(torch.__version__)  # TEMPORARY: save_checkpoint stores a TorchVersion; remove when fixed
+from oilleak.models.checkpoint import save_checkpoint
 
 CLASSES = ["box", "disc"]
 COLORS = {"box": (220, 60, 40), "disc": (40, 90, 230)}
@@ -166,3 +166,39 @@ def test_fresh_training_refuses_a_used_work_dir(shapes, tmp_path):
     assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
     with pytest.raises(OilleakError, match="nothing to resume"):
         run_training(shapes_config(shapes, tmp_path / "empty"), TrainOptions(resume=True, device="cpu"), quiet())
+
+
+def _tiny_model(seed: int):
+    from oilleak.models.presets import build_model
+
+    torch.manual_seed(seed)
+    return build_model(shapes_config(Path("."), Path(".")).model, len(CLASSES))
+
+
+def test_load_from_and_backbone_weights_are_the_starting_point(shapes, tmp_path):
+    # lr 1e-12: one step leaves the weights as they started, so the checkpoint shows where training began
+    frozen_lr = {"lr": 1e-12, "warmup_iters": 0}
+    source = _tiny_model(seed=123)
+    save_checkpoint(tmp_path / "start.pth", model=source, config=shapes_config(shapes, tmp_path))
+    out = io.StringIO()
+    run_training(shapes_config(shapes, tmp_path / "a", train=frozen_lr),
+                 TrainOptions(load_from=str(tmp_path / "start.pth"), max_iters=1, device="cpu"),
+                 Console(file=out, width=200))
+    assert "tensors loaded" in out.getvalue() and "random weights" not in out.getvalue()
+    trained = weights(tmp_path / "a" / "latest.pth")
+    for key, value in source.state_dict().items():  # BatchNorm statistics too: not re-estimated
+        assert torch.allclose(trained[key].float(), value.float(), atol=1e-6), key
+
+    # torchvision's layout (conv1.weight, layer1.0..., fc.*) of a ResNet with the tiny widths
+    resnet = {k[len("backbone."):]: v for k, v in _tiny_model(seed=7).state_dict().items() if k.startswith("backbone.")}
+    resnet |= {"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}
+    torch.save(resnet, tmp_path / "resnet.pth")
+    out = io.StringIO()
+    run_training(shapes_config(shapes, tmp_path / "b", train=frozen_lr),
+                 TrainOptions(backbone_weights=str(tmp_path / "resnet.pth"), max_iters=1, device="cpu"),
+                 Console(file=out, width=200))
+    assert "random weights" not in out.getvalue()
+    trained = weights(tmp_path / "b" / "latest.pth")
+    for key in ("conv1.weight", "layer2.1.conv2.weight", "layer4.2.bn3.running_var"):
+        assert torch.allclose(trained[f"backbone.{key}"].float(), resnet[key].float(), atol=1e-6), key
+        assert torch.allclose(trained[f"neck.rfp_modules.0.{key}"].float(), resnet[key].float(), atol=1e-6), key

@@ -1,10 +1,12 @@
 """``oilleak train``: one process (CPU or one GPU) or many (``torchrun``), mmdetection's 1x schedule.
 
-Each step every rank loads its batch and computes its losses, then the ranks agree (one small all-reduce)
-on whether anyone failed, got a non-finite loss, or was asked to stop (Ctrl-C / SIGTERM), before any
-gradient is exchanged. So an exception on one rank ends every rank with a message instead of leaving the
-others waiting, a NaN never reaches the weights or a checkpoint, and a stop request ends all ranks at the
-same step boundary with a resumable ``latest.pth``.
+Each step the ranks agree twice (a three-number all-reduce each time), after loading the batch and after
+the forward pass, on whether any rank failed, got a non-finite loss, or was asked to stop (Ctrl-C /
+SIGTERM), before any gradient is exchanged. So an exception on one rank ends every rank with a message
+instead of leaving the others waiting in a collective, a NaN never reaches the weights or a checkpoint,
+and a stop request ends all ranks at the same step boundary with a resumable ``latest.pth``. Failures
+outside those two points (an out-of-memory error in backward, say) end the job through torchrun, which
+stops the other ranks when one exits.
 """
 
 from __future__ import annotations
@@ -252,11 +254,9 @@ class Trainer:
                     f"{self.config.num_classes} classes: {len(missing)} missing keys (e.g. {missing[:3]}), "
                     f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume with the config it was trained with"
                 )
-            model.to(self.runtime.device)
-        elif self._load_initial_weights(model):
-            model.to(self.runtime.device)
-        else:
-            model.to(self.runtime.device)
+        pretrained = checkpoint is not None or self._load_initial_weights(model)
+        model.to(self.runtime.device)
+        if not pretrained:
             self._calibrate_batchnorm(model)
         self.module = model  # the bare model: checkpoints and evaluation
         if self.runtime.distributed:
@@ -346,7 +346,7 @@ class Trainer:
         if stopped_by in ("SIGINT", "SIGTERM"):
             self.note(
                 f"stopped by {stopped_by} at iteration {self.iteration}; resumable checkpoint {self.files.latest}. "
-                f"Continue with: oilleak train CONFIG --work-dir {self.work_dir} --resume"
+                f"Continue with: oilleak train {self.options.config_name} --work-dir {self.work_dir} --resume"
             )
         elif stopped_by == "max-iters":
             self.note(f"stopped after --max-iters {self.options.max_iters}; latest checkpoint {self.files.latest}")

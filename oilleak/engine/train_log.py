@@ -116,8 +116,9 @@ class TrainLog:
         self._window["time"].append(seconds)
         self._window["data_time"].append(data_seconds)
         loss = sum(v for k, v in losses.items() if "loss" in k)
+        terms = " ".join(f"{name} {value:.3f}" for name, value in grouped_losses(losses).items())
         self._progress.update(
-            self._task, completed=step, description=f"epoch {epoch}", status=f"lr {lr:.3g}  loss {loss:.4f}"
+            self._task, completed=step, description=f"epoch {epoch}", status=f"lr {lr:.3g}  loss {loss:.4f} ({terms})"
         )
         if step % self.log_interval and step != self.total_steps:
             return
@@ -153,6 +154,17 @@ class TrainLog:
             return
         plot_curves([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()],
                     self.work_dir / PLOT_NAME)
+
+
+def grouped_losses(losses: dict[str, float]) -> dict[str, float]:
+    """The loss terms summed per part, short enough for the progress bar: rpn, semantic, s0, s1, s2."""
+    groups: dict[str, float] = {}
+    for key, value in losses.items():
+        if "loss" not in key:
+            continue
+        name = key.split(".")[0] if "." in key else key.removeprefix("loss_").split("_")[0]
+        groups[name] = groups.get(name, 0.0) + value
+    return groups
 
 
 def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
