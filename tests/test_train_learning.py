@@ -1,9 +1,9 @@
 """Proof that training trains: the tiny DetectoRS, from random weights on CPU, learns to outline the shapes of
 four synthetic images and reaches mask mAP >= 0.5 on them, measured here with pycocotools directly.
 
-About 100 iterations of batch 2 at 96x96: 3-4 minutes on 2 shared cores (BENCHMARKS.md, Training, has the
-curve). Without the BatchNorm statistics set before the first step (engine/from_scratch.py) the same run
-stays near mAP 0 for the first 100 iterations.
+About 120 iterations of batch 2 at 96x96: 4-5 minutes on 2 shared cores (BENCHMARKS.md, Training, has the
+curve). Without the BatchNorm statistics set before the first step (engine/from_scratch.py) an 8-image run
+of the same kind stayed near mAP 0 for its first 100 iterations (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from oilleak.data.dataset import build_dataset, collate
 from oilleak.engine.train import TrainOptions, run_training
 from test_train_loop import make_shapes, quiet, shapes_config
 
-ITERATIONS = 100  # 4 images / batch 2 = 2 steps per epoch: 50 epochs
+ITERATIONS = 120  # 4 images / batch 2 = 2 steps per epoch: 60 epochs
 
 
 def coco_mask_map(model, config) -> float:

@@ -189,6 +189,18 @@ def test_load_from_and_backbone_weights_are_the_starting_point(shapes, tmp_path)
     for key, value in source.state_dict().items():  # BatchNorm statistics too: not re-estimated
         assert torch.allclose(trained[key].float(), value.float(), atol=1e-6), key
 
+    # an mmdetection checkpoint of a model without mask and semantic heads (as DetectoRS Cascade R-CNN's)
+    cascade = {k: v for k, v in source.state_dict().items() if ".mask_head." not in k and ".semantic_head." not in k}
+    torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": cascade, "optimizer": {}}, tmp_path / "mmdet.pth")
+    out = io.StringIO()
+    run_training(shapes_config(shapes, tmp_path / "m", train=frozen_lr),
+                 TrainOptions(load_from=str(tmp_path / "mmdet.pth"), max_iters=1, device="cpu"),
+                 Console(file=out, width=200))
+    assert "missing (kept initialised)" in out.getvalue()
+    trained = weights(tmp_path / "m" / "latest.pth")
+    for key, value in cascade.items():
+        assert torch.allclose(trained[key].float(), value.float(), atol=1e-6), key
+
     # torchvision's layout (conv1.weight, layer1.0..., fc.*) of a ResNet with the tiny widths
     resnet = {k[len("backbone."):]: v for k, v in _tiny_model(seed=7).state_dict().items() if k.startswith("backbone.")}
     resnet |= {"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}

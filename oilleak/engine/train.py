@@ -286,7 +286,7 @@ class Trainer:
         self.train_set.set_epoch(0, self.cfg.seed)
         batches = (batch.images.to(self.runtime.device) for _, batch in zip(range(max_batches), self.loader))
         count = calibrate_frozen_batchnorm(model, batches)
-        self.note(f"random weights: BatchNorm statistics (frozen in training) set from {count} training batches")
+        self.note(f"random weights: BatchNorm statistics (frozen in training) set from {count} training batch(es)")
 
     def _restore_train_state(self, state: dict[str, Any], path: Path, total_batch: int) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

@@ -144,6 +144,7 @@ class TrainLog:
         self._write({"type": "val", "epoch": epoch, "iter": step, **metrics})
         for key, value in metrics.items():
             self._tb.add_scalar(f"val/{key}", value, step)
+        self.console.print(f"validation after epoch {epoch} (iteration {step}):", highlight=False, markup=False)
         self.console.print(table)
         self.plot()
 
@@ -177,9 +178,11 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
     val = {r["epoch"]: r for r in records if r["type"] == "val"}
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(12, 4.5))
     steps = sorted(train)
-    keys = sorted({k for r in train.values() for k in r if "loss" in k})
+    curves = {s: {"loss": train[s]["loss"], **grouped_losses({k: v for k, v in train[s].items() if k != "loss"})}
+              for s in steps}
+    keys = list(dict.fromkeys(k for c in curves.values() for k in c))  # total first, then rpn, semantic, s0...
     for key in keys:
-        ax_loss.plot(steps, [train[s].get(key, float("nan")) for s in steps], label=key,
+        ax_loss.plot(steps, [curves[s].get(key, float("nan")) for s in steps], label=key,
                      linewidth=2.0 if key == "loss" else 1.0)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss", yscale="log" if steps else "linear")
     if keys:
