@@ -166,6 +166,11 @@ def test_fresh_training_refuses_a_used_work_dir(shapes, tmp_path):
     assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
     with pytest.raises(OilleakError, match="nothing to resume"):
         run_training(shapes_config(shapes, tmp_path / "empty"), TrainOptions(resume=True, device="cpu"), quiet())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "latest.pth").write_bytes(b"")
+    with pytest.raises(OilleakError, match="holds another training"):
+        run_training(shapes_config(shapes, tmp_path),
+                     TrainOptions(resume_from=tmp_path / "other" / "latest.pth", device="cpu"), quiet())
 
 
 def _tiny_model(seed: int):

@@ -132,6 +132,11 @@ def _resume_path(work_dir: Path, options: TrainOptions) -> Path | None:
     if options.resume_from is not None:
         if not options.resume_from.is_file():
             raise OilleakError(f"--resume-from {options.resume_from}: no such checkpoint file")
+        if existing_outputs(work_dir) and options.resume_from.resolve().parent != work_dir.resolve():
+            raise OilleakError(
+                f"--resume-from {options.resume_from}: the work dir {work_dir} holds another training, which "
+                "oilleak never overwrites; pass --work-dir of the checkpoint's own training or an empty one"
+            )
         return options.resume_from
     if options.resume:
         latest = work_dir / "latest.pth"
