@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on 2 cores: one intra-op thread per worker (and per process a test starts), since
+    # oversubscribed OpenMP threads made some tests 10x slower. Tests that need a count set it themselves.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared"))
 SAMPLE = REPO / "sample" / "bsdata"
