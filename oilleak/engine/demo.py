@@ -1,0 +1,63 @@
+"""What `oilleak demo` needs around the other commands: the bundled sample, its config, an output folder.
+
+The demo runs convert -> check -> train -> test -> predict on the BSData sample bundled in the repository
+(`sample/bsdata`) with `configs/demo.yaml`. Its output folder carries a marker file, so a second demo may
+replace the first one's output, while a folder the demo did not make is never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from oilleak.config import load_config, save_config
+from oilleak.errors import OilleakError
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "sample" / "bsdata"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+MARKER = ".oilleak-demo"
+
+
+def prepare_output(out: Path) -> None:
+    """An empty ``out`` with the demo's marker; an earlier demo's output is replaced, nothing else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise OilleakError(
+                f"{out} exists and was not made by `oilleak demo`; the demo never writes into other folders. "
+                "Pass another folder with --out."
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `oilleak demo`; a later demo replaces this folder\n", encoding="utf-8")
+
+
+def write_demo_config(out: Path, template: Path = DEMO_CONFIG) -> Path:
+    """configs/demo.yaml with its data and work folders inside ``out``; returns the written file."""
+    if not template.is_file():
+        raise OilleakError(f"{template} is missing: run the demo from an oilleak checkout (it ships configs/demo.yaml)")
+    config = load_config(template, [f"data.data_root={yaml.safe_dump(str(out / 'data')).strip()}",
+                                    f"train.work_dir={yaml.safe_dump(str(out / 'train')).strip()}"])
+    path = out / "demo.yaml"
+    save_config(config, path)
+    return path
+
+
+def sample_dir(sample: Path | None) -> Path:
+    path = sample or SAMPLE
+    if not any(path.glob("*.json")):
+        raise OilleakError(
+            f"no labelme files in {path}: the demo's sample ships in the oilleak repository (sample/bsdata); "
+            "run it from a checkout, or pass a labelme folder with --sample"
+        )
+    return path
+
+
+def trained_checkpoint(work_dir: Path) -> Path:
+    """The checkpoint the demo evaluates and predicts with: the best one, else the latest."""
+    for name in ("best.pth", "latest.pth"):
+        if (work_dir / name).is_file():
+            return work_dir / name
+    raise OilleakError(f"training wrote no checkpoint into {work_dir}")

@@ -1,0 +1,60 @@
+"""`oilleak demo`: the README's first command runs the whole pipeline on the bundled sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from oilleak.cli import app
+from oilleak.engine.demo import MARKER, prepare_output
+from oilleak.errors import OilleakError
+from oilleak.models.checkpoint import load_checkpoint
+
+
+@pytest.mark.slow
+def test_demo_runs_convert_check_train_test_predict(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+
+    # convert: the 10 bundled images, split 8 / 2
+    splits = {s: json.loads((out / "data" / "annotations" / f"{s}.json").read_text()) for s in ("train", "val")}
+    assert [len(splits[s]["images"]) for s in ("train", "val")] == [8, 2]
+    assert [c["name"] for c in splits["train"]["categories"]] == ["Pitting"]
+    # check: a ground-truth gallery
+    assert list((out / "gallery").glob("*.jpg"))
+    # train: a checkpoint that carries its config and classes
+    ckpt = load_checkpoint(out / "train" / "latest.pth")
+    assert ckpt["classes"] == ["Pitting"] and ckpt["config"]["model"]["preset"] == "detectors_htc_r50_tiny"
+    assert (out / "train" / "loss_curve.png").is_file()
+    # test: metrics and pictures
+    (report_dir,) = (out / "test").glob("test-*")
+    assert "segm_mAP" in json.loads((report_dir / "metrics.json").read_text())["metrics"]
+    assert len(list((out / "test" / "show").glob("*.jpg"))) == 2
+    # predict: overlays, instance files and labelme files for the 2 val images
+    with open(out / "predictions" / "summary.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert len(list((out / "predictions" / "overlays").iterdir())) == 2
+    assert len(list((out / "predictions" / "labelme").glob("*.json"))) == 2
+
+
+def test_demo_output_folder_is_its_own(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OilleakError, match="was not made by `oilleak demo`"):
+        prepare_output(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    result = CliRunner().invoke(app, ["demo", "--out", str(foreign)])
+    assert result.exit_code == 2 and "--out" in result.output and "Traceback" not in result.output
+
+    earlier = tmp_path / "demo"
+    prepare_output(earlier)
+    (earlier / "old.txt").write_text("from the first demo")
+    prepare_output(earlier)  # a second demo replaces the first one's output
+    assert sorted(p.name for p in earlier.iterdir()) == [MARKER]
