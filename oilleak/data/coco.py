@@ -589,6 +589,8 @@ class DataReport:
             lines.append(f"{split.name}: {split.ann_file}, images in {split.img_dir}")
             if split.cat_ids:
                 lines.append(f"  images {len(split.records)}, negatives (no instance) {split.negatives}")
+            elif not Path(split.ann_file).is_file():
+                lines.append("  not loaded: the annotation file does not exist")
             else:
                 lines.append(f"  images {len(split.records)}; instances not counted: the class names do not match")
             lines.append(f"  semantic maps: {split.sem_source}")
