@@ -215,14 +215,16 @@ def predict(
     save_labelme: Annotated[bool, typer.Option("--save-labelme", help="also write OUT_DIR/labelme/: labelme files + image copies, ready for `oilleak convert`")] = False,
     tile: Annotated[Optional[int], typer.Option(min=64, help="predict very large images in SIZE x SIZE tiles (20% overlap) and merge")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
+    set_: SetOption = None,
 ) -> None:
     """Predict images: overlays, instance JSON files, summary.csv, optional labelme files.
 
-    Unreadable images are listed and skipped; exit code 0 when at least one image was predicted."""
+    Unreadable images are listed and skipped; exit code 0 when at least one image was predicted.
+    --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200]."""
     from oilleak.engine.predict import run_predict
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
-                         device=device)
+                         device=device, overrides=set_)
     console.print(f"{report.processed} images predicted, {report.instances} instances; outputs in {report.out_dir}",
                   markup=False, highlight=False)
     if report.failures:
@@ -278,7 +280,7 @@ def demo(
           overwrite=False, device=device, set_=None)
     console.rule(next(step))
     predict(checkpoint, [str(out / "data" / "val")], out_dir=out / "predictions", score_thr=None, save_labelme=True,
-            tile=None, device=device)
+            tile=None, device=device, set_=None)
     console.rule("[bold]demo done")
     console.print(
         f"Everything is in {out}: data/ (COCO layout), gallery/ (ground truth), train/ (checkpoints, log.jsonl, "

@@ -180,3 +180,19 @@ def test_run_predict_thresholds_and_fresh_folder(ckpt, sample_dir, tmp_path):
     for record, thr in zip(records, (0.0, 0.3, 0.6)):
         assert all(i["score"] >= thr for i in record["instances"])
     assert len(records[0]["instances"]) > len(records[2]["instances"])
+
+
+def test_set_changes_the_stored_config_for_one_run(ckpt, sample_dir, tmp_path):
+    image = sorted(sample_dir.glob("*.jpg"))[5]
+    report = run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=0.0, device="cpu", progress=False,
+                         overrides=["model.max_per_img=3"])
+    record = json.loads((report.out_dir / "instances" / f"{image.stem}.json").read_text())
+    assert len(record["instances"]) == 3  # the untrained model gives 100 at score 0 without the override
+    report = run_predict(ckpt, [str(image)], out_dir=tmp_path / "q", device="cpu", progress=False,
+                         overrides=["predict.score_thr=0.6"])
+    assert json.loads((report.out_dir / "instances" / f"{image.stem}.json").read_text())["score_thr"] == 0.6
+    result = runner.invoke(app, ["predict", str(ckpt), str(image), "--out-dir", str(tmp_path / "r"),
+                                 "--set", "data.classes=[oil]"])
+    assert result.exit_code == 2 and "cannot change data.classes" in result.output
+    result = runner.invoke(app, ["predict", str(ckpt), str(image), "--set", "model.max_per_imgs=3"])
+    assert result.exit_code == 2 and "did you mean 'model.max_per_img'" in result.output

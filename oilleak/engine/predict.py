@@ -212,6 +212,7 @@ def run_predict(
     save_labelme: bool = False,
     device: str | None = None,
     progress: bool = True,
+    overrides: list[str] | None = None,
 ) -> PredictReport:
     """`oilleak predict`: the model of an oilleak checkpoint over the inputs. Raises OilleakError when no
     image at all could be predicted (nothing found, or every one unreadable)."""
@@ -225,7 +226,7 @@ def run_predict(
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
         raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")
-    model, config = model_from_checkpoint(ckpt, dev)
+    model, config = model_from_checkpoint(ckpt, dev, overrides)
     thr = config.predict.score_thr if score_thr is None else score_thr
     predictor = Predictor(model, config, dev, thr)
     report = predict_images(predictor, sources, out_dir, list(config.data.classes), score_thr=thr, tile=tile,

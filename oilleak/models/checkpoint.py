@@ -95,9 +95,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def config_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> Config:
+def config_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>", overrides: list[str] | None = None) -> Config:
     try:
-        return config_from_dict(ckpt["config"], f"stored in {path}")
+        return config_from_dict(ckpt["config"], f"stored in {path}", overrides)
     except ConfigError as exc:
         raise OilleakError(f"{exc}\nThe checkpoint was written by oilleak {ckpt.get('meta', {}).get('oilleak')}.") from None
 
@@ -116,10 +116,15 @@ def build_with_weights(config: Config, state_dict: dict[str, Any], path: str | P
     return model
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
-    """Build the model an oilleak checkpoint describes, load its weights, return it in eval mode."""
+def model_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+) -> tuple[nn.Module, Config]:
+    """Build the model an oilleak checkpoint describes, load its weights, return it in eval mode.
+    ``overrides`` (``--set`` values) change the stored config first, e.g. ``model.mask_merge=last``."""
     ckpt = load_checkpoint(path)
-    config = config_from_checkpoint(ckpt, path)
+    config = config_from_checkpoint(ckpt, path, overrides)
+    if config.data.classes != ckpt["classes"]:
+        raise OilleakError(f"--set cannot change data.classes of {path}: its weights are for {ckpt['classes']}")
     return build_with_weights(config, ckpt["state_dict"], path).to(device).eval(), config
 
 
