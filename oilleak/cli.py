@@ -286,7 +286,7 @@ def demo(
         f"Everything is in {out}: data/ (COCO layout), gallery/ (ground truth), train/ (checkpoints, log.jsonl, "
         "loss_curve.png), test/ (metrics, PR curves, confusion matrix, ground truth beside prediction), "
         "predictions/ (overlays, instance JSON, summary.csv, labelme files).\n"
-        "The tiny model trained for a few dozen iterations from random weights only shows the pipeline working; "
+        "The tiny model, trained for 16 iterations from random weights, only shows the pipeline working; "
         "real training uses configs/oilleak.yaml on a GPU with ImageNet or COCO weights (README).",
         markup=False, highlight=False,
     )
