@@ -29,10 +29,6 @@ from oilleak.engine.tiling import tile_windows
 from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
 from oilleak.models.presets import build_model
 
-# TEMPORARY, as in tests/test_train_loop.py: save_checkpoint stores torch.__version__, a TorchVersion that
-# torch.load(weights_only=True) refuses. Remove when oilleak/models/checkpoint.py stores str(torch.__version__).
-torch.__version__ = str(torch.__version__)
-
 SCALE = (512, 320)  # small inputs keep the CPU tests quick; the architecture is the real one
 SAMPLE = Path(__file__).resolve().parents[1] / "sample" / "bsdata"  # as conftest.SAMPLE
 
