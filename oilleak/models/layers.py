@@ -16,15 +16,23 @@ from torch import Tensor, nn
 WS_EPS = 1e-5
 
 
-def standardize_weight(weight: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    """``gamma * (W - mean) / sqrt(var + eps) + beta`` per output channel.
+def channel_mean_std(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(O, I, kh, kw) -> per output channel ``mean`` and ``sqrt(var + eps)``, each (O, 1, 1, 1).
 
-    weight (O, I, kh, kw); gamma, beta (O, 1, 1, 1). Statistics run over the I*kh*kw elements of each output
-    channel; the variance is the unbiased one (divides by n - 1), as in mmcv.
+    Statistics run over the I*kh*kw elements of each output channel; the variance is the unbiased one
+    (divides by n - 1), as in mmcv. Standardising and matching gamma / beta share it, so that a matched conv
+    reproduces its weight exactly.
     """
     flat = weight.flatten(1)
-    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
-    std = torch.sqrt(flat.var(dim=1) + WS_EPS).view(-1, 1, 1, 1)
+    return flat.mean(dim=1).view(-1, 1, 1, 1), torch.sqrt(flat.var(dim=1) + WS_EPS).view(-1, 1, 1, 1)
+
+
+def standardize_weight(weight: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """``gamma * (W - mean) / sqrt(var + eps) + beta`` per output channel (see :func:`channel_mean_std`).
+
+    weight (O, I, kh, kw); gamma, beta (O, 1, 1, 1).
+    """
+    mean, std = channel_mean_std(weight)
     return gamma * ((weight - mean) / std) + beta
 
 
@@ -66,9 +74,9 @@ class ConvAWS2d(nn.Conv2d):
         This is how mmdet starts a ConvAWS from ImageNet weights (which have no gamma/beta): the network
         first computes exactly what the pretrained one computes, then trains in the standardised form.
         """
-        flat = self.weight.flatten(1)
-        self.weight_beta.copy_(flat.mean(dim=1).view(-1, 1, 1, 1))
-        self.weight_gamma.copy_(torch.sqrt(flat.var(dim=1) + WS_EPS).view(-1, 1, 1, 1))
+        mean, std = channel_mean_std(self.weight)
+        self.weight_beta.copy_(mean)
+        self.weight_gamma.copy_(std)
 
 
 class ConvBlock(nn.Module):
