@@ -68,18 +68,21 @@ class DeltaXYWHBoxCoder:
         new_centre = centre + size * denorm[:, :2]
         new_size = size * denorm[:, 2:].clamp(min=-MAX_LOG_SCALE, max=MAX_LOG_SCALE).exp()
         boxes = torch.cat([new_centre - new_size * 0.5, new_centre + new_size * 0.5], dim=-1)
-        if max_shape is not None:
-            height, width = max_shape
-            boxes = torch.stack(
-                [
-                    boxes[:, 0].clamp(min=0, max=width),
-                    boxes[:, 1].clamp(min=0, max=height),
-                    boxes[:, 2].clamp(min=0, max=width),
-                    boxes[:, 3].clamp(min=0, max=height),
-                ],
-                dim=-1,
-            )
-        return boxes
+        return boxes if max_shape is None else clip_boxes(boxes, max_shape)
+
+
+def clip_boxes(boxes: Tensor, shape: tuple[int, int]) -> Tensor:
+    """(N, 4) boxes clamped to an image of ``shape`` (H, W): x into [0, W], y into [0, H]."""
+    height, width = shape
+    return torch.stack(
+        [
+            boxes[:, 0].clamp(min=0, max=width),
+            boxes[:, 1].clamp(min=0, max=height),
+            boxes[:, 2].clamp(min=0, max=width),
+            boxes[:, 3].clamp(min=0, max=height),
+        ],
+        dim=-1,
+    )
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from oilleak.models.box_ops import clip_boxes
 from oilleak.models.layers import ConvBlock
 
 
@@ -69,10 +70,7 @@ def mask_targets(boxes: Tensor, gt_masks: Tensor, gt_index: Tensor, size: int) -
     """
     if boxes.numel() == 0:
         return boxes.new_zeros(0, size, size)
-    h, w = gt_masks.shape[-2:]
-    clipped = torch.stack(
-        [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1
-    )
+    clipped = clip_boxes(boxes, tuple(gt_masks.shape[-2:]))
     rois = torch.cat([gt_index[:, None].to(boxes.dtype), clipped], dim=1)
     sampled = roi_align(gt_masks[:, None].to(boxes.dtype), rois, size, 1.0, 0, True)
     return (sampled[:, 0] >= 0.5).to(boxes.dtype)
