@@ -144,10 +144,6 @@ class HybridTaskCascadeRoIHead(nn.Module):
     def num_stages(self) -> int:
         return len(self.bbox_head)
 
-    @property
-    def num_classes(self) -> int:
-        return self.bbox_head[-1].num_classes
-
     # ------------------------------------------------------------------------------------------------
     # shared by training and inference
 
@@ -168,6 +164,16 @@ class HybridTaskCascadeRoIHead(nn.Module):
         size = self.mask_roi_size
         roi_feats = multilevel_roi_align(feats, rois, size, self.featmap_strides, self.finest_scale)
         return roi_feats + self._semantic_rois(semantic_feat, rois, size)
+
+    def _decode_per_image(
+        self, stage: int, rois: Tensor, deltas: Tensor, counts: list[int], metas: Sequence[ImageMeta]
+    ) -> list[Tensor]:
+        """Stage ``stage``'s deltas applied to its (R, 5) RoIs, ``counts[i]`` of image i, clamped to that image."""
+        coder = self.bbox_head[stage].box_coder
+        return [
+            coder.decode(rois_i[:, 1:], deltas_i, max_shape=meta.img_shape)
+            for rois_i, deltas_i, meta in zip(rois.split(counts), deltas.split(counts), metas)
+        ]
 
     def _mask_features_up_to(self, stage: int, roi_feats: Tensor) -> Tensor:
         """Mask information flow: mask heads 0..stage in sequence, each fed the previous one's features."""
@@ -209,7 +215,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
     ) -> tuple[dict[str, Tensor], list[Tensor]]:
         """One interleaved stage -> (its unweighted losses, the refined boxes for the next stage)."""
         samples = self._match_and_sample(stage, boxes, targets)
-        rois = boxes_to_rois([s.boxes[torch.cat([s.pos_inds, s.neg_inds])] for s in samples])
+        rois = boxes_to_rois([torch.cat([s.pos_boxes, s.neg_boxes]) for s in samples])
         cls_logits, deltas = self.run_box_head(stage, feats, semantic_feat, rois)
         losses = self._box_loss(stage, cls_logits, deltas, samples)
         refined = self._refine_sampled(stage, rois, deltas.detach(), samples, metas)
@@ -240,13 +246,8 @@ class HybridTaskCascadeRoIHead(nn.Module):
     ) -> list[Tensor]:
         """Decode the sampled RoIs with this stage's deltas, clamped to the image; the ground-truth boxes
         the sampler added are dropped again (each stage adds them itself)."""
-        refined = []
-        for i, (s, meta) in enumerate(zip(samples, metas)):
-            mine = rois[:, 0] == i
-            boxes = self.bbox_head[stage].box_coder.decode(rois[mine, 1:], deltas[mine], max_shape=meta.img_shape)
-            keep = torch.cat([~s.pos_is_gt, s.pos_is_gt.new_ones(s.num_neg)])
-            refined.append(boxes[keep])
-        return refined
+        decoded = self._decode_per_image(stage, rois, deltas, [s.num_sampled for s in samples], metas)
+        return [boxes[torch.cat([~s.pos_is_gt, s.pos_is_gt.new_ones(s.num_neg)])] for boxes, s in zip(decoded, samples)]
 
     def _mask_loss(
         self,
@@ -294,15 +295,6 @@ class HybridTaskCascadeRoIHead(nn.Module):
             if stage < self.num_stages - 1:
                 rois = boxes_to_rois(self._decode_per_image(stage, rois, deltas, counts, metas))
         return cascade
-
-    def _decode_per_image(
-        self, stage: int, rois: Tensor, deltas: Tensor, counts: list[int], metas: Sequence[ImageMeta]
-    ) -> list[Tensor]:
-        coder = self.bbox_head[stage].box_coder
-        return [
-            coder.decode(rois_i[:, 1:], deltas_i, max_shape=meta.img_shape)
-            for rois_i, deltas_i, meta in zip(rois.split(counts), deltas.split(counts), metas)
-        ]
 
     def detect(self, cascade: BoxCascade, metas: Sequence[ImageMeta]) -> list[BoxDetections]:
         """Scores: softmax of the stages' mean logits; boxes: the last stage's deltas on its input RoIs.
