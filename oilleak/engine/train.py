@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import yaml
@@ -35,6 +35,9 @@ from oilleak.engine.train_state import CheckpointFiles, capture_rng, existing_ou
 from oilleak.errors import OilleakError
 from oilleak.models.detector import total_loss
 from oilleak.structures import Batch
+
+if TYPE_CHECKING:
+    from oilleak.data.coco import DataReport
 
 BEST_METRIC = "segm_mAP"
 
@@ -175,8 +178,7 @@ class Trainer:
 
         resume_path = _resume_path(self.work_dir, options)
         distributed.barrier(runtime)  # every rank has looked at the work dir before rank 0 writes into it
-        self._check_data()
-        self._build_data()
+        self._build_data(self._check_data())
         checkpoint = self._load_resume_checkpoint(resume_path) if resume_path else None
         self._build_model(checkpoint)
 
@@ -204,25 +206,23 @@ class Trainer:
         if self.runtime.is_main:
             self.console.print(text, highlight=False, markup=markup, soft_wrap=True)
 
-    def _check_data(self) -> None:
+    def _check_data(self) -> DataReport:
         from oilleak.data.coco import check_dataset
 
         report = check_dataset(self.config.data, config_name=self.options.config_name)
         report.raise_if_failed()
-        if report.warnings:
+        if report.warnings:  # among them "no validation split" when val is missing: no evaluation, no best.pth
             self.note(report.format_problems())
+        return report
 
-    def _build_data(self) -> None:
-        from oilleak.data.dataset import build_dataset, collate
+    def _build_data(self, report: DataReport) -> None:
+        """The datasets of the splits the check loaded (their json is not read a second time)."""
+        from oilleak.data.dataset import CocoDataset, collate
 
         data = self.config.data
-        self.train_set = build_dataset(data, "train", train=True, config_name=self.options.config_name)
-        val_ann = data.root() / data.val.ann_file
-        self.val_set = (
-            build_dataset(data, "val", train=False, config_name=self.options.config_name) if val_ann.is_file() else None
-        )
-        if self.val_set is None:
-            self.note(f"warning: no validation split ({val_ann} does not exist): no evaluation, no best.pth")
+        self.train_set = CocoDataset(report.splits["train"], data, train=True)
+        val = report.splits["val"]
+        self.val_set = CocoDataset(val, data, train=False) if val.records else None
         self.batches = EpochBatches(
             len(self.train_set),
             batch_size=data.batch_size,
