@@ -97,3 +97,12 @@ def test_check_broken_data_exits_2(tmp_path, sample_root, broken):
         expected = "error: box outside image (1)"
     result = run(str(write_config(tmp_path / "c.yaml", root, ["Pitting"])))
     assert result.exit_code == 2 and expected in result.output, result.output
+
+
+def test_all_in_train_conversion_checks_clean(tmp_path, sample_dir):
+    # convert's own --val-fraction 0 (val.json without images) must give a dataset that trains, unevaluated
+    converted = CliRunner().invoke(app, ["convert", str(sample_dir), str(tmp_path / "data"), "--val-fraction", "0"])
+    assert converted.exit_code == 0, converted.output
+    result = run(str(write_config(tmp_path / "c.yaml", tmp_path / "data", ["Pitting"])))
+    assert result.exit_code == 0, result.output
+    assert "warning: no validation split (1)" in result.output and "the dataset is usable" in result.output

@@ -128,6 +128,15 @@ def test_empty_split(tmp_path):
     assert "lists no images" in only_problem(load(make_split(tmp_path, coco)), "empty split", "error")
 
 
+def test_empty_val_split_is_a_warning(tmp_path):
+    # `oilleak convert --val-fraction 0` writes a val.json without images: trainable, without evaluation
+    root = make_split(tmp_path, base_coco())
+    make_split(root, {**base_coco(), "images": [], "annotations": []}, split="val")
+    report = check_dataset(data_config(root, ["a", "b"]))
+    assert report.ok and [(p.severity, p.kind) for p in report.problems] == [("warning", "no validation split")]
+    assert "lists no images" in report.problems[0].message
+
+
 def test_missing_or_broken_annotation_file(tmp_path):
     assert "does not exist" in only_problem(load(tmp_path), "annotation file", "error")
     (tmp_path / "annotations").mkdir()

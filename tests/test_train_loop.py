@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,20 @@ def test_fresh_training_refuses_a_used_work_dir(shapes, tmp_path):
     with pytest.raises(OilleakError, match="holds another training"):
         run_training(shapes_config(shapes, tmp_path),
                      TrainOptions(resume_from=tmp_path / "other" / "latest.pth", device="cpu"), quiet())
+
+
+def test_val_split_without_images_trains_without_evaluation(shapes, tmp_path):
+    # what `oilleak convert --val-fraction 0` writes: a val.json that lists no images
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    val = data / "annotations" / "val.json"
+    val.write_text(json.dumps({**json.loads(val.read_text()), "images": [], "annotations": []}))
+    out = io.StringIO()
+    cfg = shapes_config(data, tmp_path / "work", train={"epochs": 1, "milestones": [1]})
+    result = run_training(cfg, TrainOptions(device="cpu"), Console(file=out, width=200))
+    assert (result.epochs_done, result.best, result.stopped_by) == (1, None, None)
+    assert "no validation split" in out.getvalue()
+    assert (tmp_path / "work" / "epoch_1.pth").is_file() and not (tmp_path / "work" / "best.pth").exists()
 
 
 def _tiny_model(seed: int):

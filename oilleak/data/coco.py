@@ -516,7 +516,7 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
 
     if split == "val" and not ann_file.exists():
         # training runs without a validation split (no evaluation, no best checkpoint), so only warn
-        log.warning("no validation split", f"{ann_file} does not exist: training will not evaluate")
+        log.warning("no validation split", f"{ann_file} does not exist: training will not evaluate (no best.pth)")
         return out
     data = _read_json(ann_file, log)
     if data is None:
@@ -524,7 +524,10 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
     categories = _valid_categories(data, ann_file, log)
     records = _valid_images(data, img_dir, log)
     if not data["images"]:
-        log.error("empty split", f"{ann_file} lists no images")
+        if split == "val":  # `oilleak convert --val-fraction 0` writes it so: like a missing val split
+            log.warning("no validation split", f"{ann_file} lists no images: training will not evaluate (no best.pth)")
+        else:
+            log.error("empty split", f"{ann_file} lists no images")
     if categories is None:
         return out
     ann_counts = Counter(
