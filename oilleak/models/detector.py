@@ -50,14 +50,14 @@ class HybridTaskCascade(nn.Module):
         feats = self.extract_feat(images)
         cls, reg = self.rpn_head(feats)
         losses = self.rpn_head.loss(cls, reg, list(metas), list(targets))
-        # The RoI heads train on the proposals the RPN makes now (training settings); no gradient flows
-        # back through the proposal boxes, as in mmdet.
+        # The RoI heads train on the proposals the RPN makes now (training settings; the score column is
+        # ignored); no gradient flows back through the proposal boxes, as in mmdet.
         proposals = self.rpn_head.proposals(cls, reg, list(metas), training=True)
-        losses.update(self.roi_head.loss(feats, [p[:, :4] for p in proposals], metas, targets))
+        losses.update(self.roi_head.loss(feats, proposals, metas, targets))
         return losses
 
     @torch.no_grad()
     def predict(self, images: Tensor, metas: Sequence[ImageMeta]) -> list[Detections]:
         feats = self.extract_feat(images)
         proposals = self.rpn_head.proposals(*self.rpn_head(feats), list(metas), training=False)
-        return self.roi_head.predict(feats, [p[:, :4] for p in proposals], metas)
+        return self.roi_head.predict(feats, proposals, metas)  # the score column is ignored

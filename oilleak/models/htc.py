@@ -285,7 +285,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
     ) -> BoxCascade:
         """Every stage's box head on all proposals; stage t + 1 runs on stage t's decoded boxes."""
         counts = [len(p) for p in proposals]
-        rois = boxes_to_rois([p[:, :4] for p in proposals])
+        rois = boxes_to_rois(proposals)  # takes the first 4 columns
         cascade = BoxCascade(rois=[], cls=[], reg=[], counts=counts)
         for stage in range(self.num_stages):
             cls_logits, deltas = self.run_box_head(stage, feats, semantic_feat, rois)
