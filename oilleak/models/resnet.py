@@ -151,7 +151,7 @@ class ResNet(nn.Module):
         if rfp_feats is not None and (self.layer2[0].rfp_conv is None or len(rfp_feats) != len(stages) - 1):
             raise ValueError(
                 f"rfp_feats needs a ResNet built with rfp_inplanes and {len(stages) - 1} tensors "
-                f"(got {len(rfp_feats)} for rfp_inplanes={self.layer2[0].rfp_conv is not None})"
+                f"(got {len(rfp_feats)} tensors for a ResNet built {'with' if self.layer2[0].rfp_conv is not None else 'without'} rfp_inplanes)"
             )
         x = self.stem(x)
         outs = []
