@@ -191,7 +191,7 @@ def test_(
     Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
     from oilleak.config import load_config
     from oilleak.engine.evaluate_checkpoint import run_test
-    from oilleak.engine.predict import resolve_device
+    from oilleak.engine.distributed import resolve_device
 
     cfg = load_config(config, set_ or [])
     outcome = run_test(

@@ -250,3 +250,15 @@ def test_pieces_are_merged_only_within_the_shared_area_and_same_class():
     assert merged.score == 0.8 and merged.box == (20, 40, 330, 50) and merged.area == 3100
     # instances of the same tile are never merged, however they overlap
     assert len(merge_tiles([(left_tile, [a, a])])) == 2
+
+
+def test_device_option_errors_name_the_fix():
+    from oilleak.engine.distributed import resolve_device
+    from oilleak.errors import OilleakError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(OilleakError, match="'gpu' is not a device; use cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(OilleakError, match="use --device cpu" if count == 0 else r"only \d+ GPU\(s\) are visible"):
+        resolve_device(f"cuda:{count}")  # one past the last GPU: refused before any model is moved there

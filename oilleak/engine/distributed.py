@@ -38,13 +38,30 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The ``--device`` of a command: cpu, cuda or cuda:N (None: cuda when available), checked to exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OilleakError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OilleakError(
+                f"--device {device}: no CUDA GPU is visible to PyTorch; use --device cpu or check CUDA_VISIBLE_DEVICES"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise OilleakError(f"--device {device}: only {count} GPU(s) are visible (cuda:0 .. cuda:{count - 1})")
+    return dev
+
+
 def _pick_device(requested: str | None, local_rank: int) -> torch.device:
     if requested not in (None, "cpu", "cuda"):
         raise OilleakError(f"--device {requested!r}: use 'cpu' or 'cuda' (with torchrun each rank takes cuda:LOCAL_RANK)")
-    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+    if resolve_device(requested).type == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise OilleakError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or check CUDA_VISIBLE_DEVICES")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise OilleakError(

@@ -20,6 +20,7 @@ from torch import nn
 
 from oilleak.config import Config
 from oilleak.engine import prediction_files as files
+from oilleak.engine.distributed import resolve_device
 from oilleak.engine.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.engine.progress import progress_bar
 from oilleak.engine.tiling import predict_tiled
@@ -111,18 +112,6 @@ def fresh_dir(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise OilleakError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OilleakError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    return dev
 
 
 class Predictor:
