@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Callable, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -46,8 +46,13 @@ def _startup() -> None:
     try:
         require_torchvision_ops()
     except OilleakError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _exit_with(exc)
+
+
+def _exit_with(exc: OilleakError) -> NoReturn:
+    # escape: messages quote file names, labels and exceptions, which may hold [brackets] rich reads as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def friendly_errors(func: F) -> F:
@@ -58,9 +63,7 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except OilleakError as exc:
-            # escape: messages quote file names and labels, which may hold [brackets] rich reads as markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _exit_with(exc)
 
     return wrapper  # type: ignore[return-value]
 
@@ -73,7 +76,7 @@ def convert(
     classes: Annotated[Optional[str], typer.Option(help="comma-separated class names; fixes ids 1..N")] = None,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.2,
     seed: int = 0,
-    overwrite: Annotated[bool, typer.Option(help="allow writing into a non-empty OUT")] = False,
+    overwrite: Annotated[bool, typer.Option(help="write into a non-empty OUT, replacing its annotations/{train,val}.json, train/ and val/")] = False,
 ) -> None:
     """Convert a labelme folder into the COCO layout oilleak (and mmdetection) train on."""
     from oilleak.data.labelme import convert_labelme

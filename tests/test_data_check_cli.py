@@ -106,3 +106,16 @@ def test_all_in_train_conversion_checks_clean(tmp_path, sample_dir):
     result = run(str(write_config(tmp_path / "c.yaml", tmp_path / "data", ["Pitting"])))
     assert result.exit_code == 0, result.output
     assert "warning: no validation split (1)" in result.output and "the dataset is usable" in result.output
+
+
+def test_startup_error_is_printed_verbatim(monkeypatch, tmp_path):
+    # the torchvision check runs before every command; its message quotes an exception, [brackets] included
+    import oilleak.deps
+    from oilleak.errors import OilleakError
+
+    def broken():
+        raise OilleakError("torchvision's compiled ops cannot load (OSError: libc10.so in [/opt/venv/lib/torch])")
+
+    monkeypatch.setattr(oilleak.deps, "require_torchvision_ops", broken)
+    result = run(str(tmp_path / "c.yaml"))  # rich would read "[/opt...]" as a closing tag: MarkupError
+    assert result.exit_code == 2 and "libc10.so in [/opt/venv/lib/torch]" in result.output
