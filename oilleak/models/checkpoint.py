@@ -27,6 +27,7 @@ import oilleak
 from oilleak.config import Config, ConfigError, config_from_dict
 from oilleak.errors import OilleakError
 from oilleak.models.layers import ConvAWS2d
+from oilleak.models.presets import build_model
 
 FORMAT = "oilleak/1"
 
@@ -104,8 +105,6 @@ def config_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint
 
 def build_with_weights(config: Config, state_dict: dict[str, Any], path: str | Path) -> nn.Module:
     """The model ``config`` describes with an oilleak checkpoint's weights: every tensor must fit."""
-    from oilleak.models.presets import build_model  # late import: presets builds on this module's users
-
     model = build_model(config.model, config.num_classes)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
