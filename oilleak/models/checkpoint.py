@@ -87,8 +87,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = read_checkpoint_file(path)
     if ckpt.get("format") != FORMAT:
         hint = (
-            " It looks like an mmdetection checkpoint: use it with `oilleak train --load-from` to fine-tune,"
-            " or convert it into an oilleak checkpoint first."
+            f" It looks like an mmdetection checkpoint: start a training from it with `oilleak train --load-from {path}`;"
+            " the checkpoints that training writes are oilleak checkpoints."
             if "state_dict" in ckpt or "meta" in ckpt
             else ""
         )
