@@ -241,7 +241,7 @@ def load_torchvision_resnet(model: nn.Module, path: str | Path) -> LoadReport:
 
 def _state_dict_of(obj: Mapping[str, Any], name: str) -> dict[str, torch.Tensor]:
     """The weights inside an oilleak / mmdet checkpoint or a bare state dict, ``module.`` prefixes removed."""
-    if obj.get("format") == FORMAT or isinstance(obj.get("state_dict"), Mapping):
+    if isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # oilleak, or mmdet {'meta', 'state_dict', 'optimizer'?}
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
