@@ -91,6 +91,12 @@ class ImageRecord:
     sem_path: Path | None = None  # given semantic map, None = derive from the masks
     usable: bool = True  # False when the image itself has an error (missing, unreadable, wrong size)
 
+    def ground_truth(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The instances in original pixels: boxes (K, 4) float32, labels (K,) int64, masks (K, H, W) bool."""
+        boxes = np.array([inst.box for inst in self.instances], np.float32).reshape(-1, 4)
+        labels = np.array([inst.label for inst in self.instances], np.int64)
+        return boxes, labels, decode_masks([inst.rle for inst in self.instances], self.height, self.width)
+
 
 @dataclass
 class ClassStats:

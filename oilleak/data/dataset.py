@@ -74,15 +74,13 @@ class CocoDataset(Dataset):
 
     def targets_at_original(self, record: ImageRecord) -> Targets:
         """Ground truth in original image pixels: boxes, labels, masks and the semantic map."""
-        masks = decode_masks([inst.rle for inst in record.instances], record.height, record.width)
-        labels = np.array([inst.label for inst in record.instances], np.int64)
+        boxes, labels, masks = record.ground_truth()
         if record.sem_path is not None:
             sem = read_sem_map(record.sem_path, record.height, record.width, len(self.classes))
         else:
             crowd = decode_masks(record.crowd, record.height, record.width).any(0) if record.crowd else None
             sem = derive_sem_map(masks, labels, crowd)
-        boxes = torch.tensor([inst.box for inst in record.instances], dtype=torch.float32).reshape(-1, 4)
-        return Targets(boxes, torch.from_numpy(labels), torch.from_numpy(masks), torch.from_numpy(sem))
+        return Targets(*(torch.from_numpy(a) for a in (boxes, labels, masks, sem)))
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]

@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 from torch import nn
 
 from oilleak.config import Config
@@ -159,6 +158,7 @@ def _ground_truth(coco, image_id: int, cat_ids: list[int], height: int, width: i
 def write_pictures(dataset, images: list[ImageResult], paths: dict[int, Path], class_names: list[str],
                    score_thr: float, progress: bool) -> None:
     """Ground truth (left) beside the predictions at or above ``score_thr`` (right) for every image."""
+    from oilleak.data.coco import decode_masks
     from oilleak.data.transforms import load_image
 
     path_of = {record.image_id: record.path for record in dataset.records}
@@ -169,8 +169,7 @@ def write_pictures(dataset, images: list[ImageResult], paths: dict[int, Path], c
             boxes, labels, masks = _ground_truth(dataset.coco, r.image_id, cat_ids, r.height, r.width)
             left = draw_instances(image, boxes, labels, class_names, masks=masks)
             keep = np.flatnonzero(r.scores >= score_thr)
-            pred_masks = (mask_util.decode([r.masks[i] for i in keep]).transpose(2, 0, 1).astype(bool)
-                          if keep.size else np.zeros((0, r.height, r.width), bool))
+            pred_masks = decode_masks([r.masks[i] for i in keep], r.height, r.width)
             right = draw_instances(image, r.boxes[keep], r.labels[keep].tolist(), class_names, masks=pred_masks,
                                    scores=r.scores[keep].tolist())
             target = paths[r.image_id]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from oilleak.data.coco import DataReport, ImageRecord, decode_masks
+from oilleak.data.coco import DataReport, ImageRecord
 from oilleak.data.transforms import load_image
 from oilleak.engine.visualize import draw_instances, save_image
 from oilleak.errors import OilleakError
@@ -33,9 +31,6 @@ def write_gallery(report: DataReport, out_dir: Path, per_split: int = 4) -> list
         raise OilleakError(f"gallery files already exist: {', '.join(existing)}; pass an empty or new --gallery folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, record, path in jobs:
-        image = load_image(record.path)
-        masks = decode_masks([inst.rle for inst in record.instances], record.height, record.width)
-        boxes = np.array([inst.box for inst in record.instances], np.float32).reshape(-1, 4)
-        labels = [inst.label for inst in record.instances]
-        save_image(draw_instances(image, boxes, labels, split.classes, masks), path)
+        boxes, labels, masks = record.ground_truth()
+        save_image(draw_instances(load_image(record.path), boxes, labels, split.classes, masks), path)
     return [path for _, _, path in jobs]
