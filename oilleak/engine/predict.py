@@ -168,9 +168,8 @@ def predict_images(
                     summary.failed(str(source.path), source.name, reason)
                     advance(1)
                     continue
-                _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
-                height, width = image.shape[:2]
-                summary.ok(str(source.path), source.name, height, width, instances)
+                record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
+                summary.ok(source.name, record)
                 report.processed += 1
                 report.instances += len(instances)
                 advance(1)
@@ -180,7 +179,8 @@ def predict_images(
 
 
 def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: list[Instance],
-                   class_names: list[str], score_thr: float, save_labelme: bool) -> None:
+                   class_names: list[str], score_thr: float, save_labelme: bool) -> dict:
+    """Write the image's files; returns its instances record (what instances/NAME.json holds)."""
     height, width = image.shape[:2]
     polygons = [mask_polygons(inst) for inst in instances]
     files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names)
@@ -189,6 +189,7 @@ def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: 
     if save_labelme:
         files.write_labelme(out_dir / "labelme" / f"{source.name}.json", source.path, height, width, instances,
                             polygons, class_names)
+    return record
 
 
 def run_predict(
