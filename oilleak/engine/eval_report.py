@@ -12,12 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from oilleak.engine.evaluate import IOU_TYPES, EvalResult
+from oilleak.engine.evaluate import IOU_TYPES, SUMMARY_STATS, EvalResult
 
 NO_GT = "no GT"
 _IOU_TITLES = {"bbox": "box", "segm": "mask"}
-_SUMMARY_KEYS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
-_SUMMARY_TITLES = ("AP", "AP50", "AP75", "AP small", "AP medium", "AP large")
+_SUMMARY_TITLES = ("AP", "AP50", "AP75", "AP small", "AP medium", "AP large")  # of SUMMARY_STATS, in order
 
 
 def _fmt(value: float, undefined: str = NO_GT) -> str:
@@ -46,7 +45,7 @@ def _class_header() -> list[str]:
 def _summary_rows(result: EvalResult) -> list[list[str]]:
     # an empty size bucket has no ground truth either; "n/a" keeps it apart from the per-class "no GT"
     return [
-        [_IOU_TITLES[t]] + [_fmt(result.metrics[f"{t}_{k}"], "n/a") for k in _SUMMARY_KEYS] for t in IOU_TYPES
+        [_IOU_TITLES[t]] + [_fmt(result.metrics[f"{t}_{k}"], "n/a") for k in SUMMARY_STATS] for t in IOU_TYPES
     ]
 
 

@@ -25,7 +25,7 @@ from oilleak.structures import Detections, ImageMeta
 
 IOU_TYPES = ("bbox", "segm")
 # COCOeval.stats positions of the numbers reported, with mmdetection's suffixes.
-_STATS = {"mAP": 0, "mAP_50": 1, "mAP_75": 2, "mAP_s": 3, "mAP_m": 4, "mAP_l": 5}
+SUMMARY_STATS = {"mAP": 0, "mAP_50": 1, "mAP_75": 2, "mAP_s": 3, "mAP_m": 4, "mAP_l": 5}
 # The dry / suspected variants of a class X are named X_dry and X_susp (see `variant_groups`).
 VARIANT_SUFFIXES = ("_dry", "_susp")
 
@@ -166,7 +166,7 @@ def coco_evaluate(
     for iou_type in IOU_TYPES:
         results = [entry for r in images for entry in r.coco_results(cat_ids, iou_type)]
         evaluator = run_cocoeval(coco_gt, results, iou_type, cat_ids, img_ids)
-        for name, index in _STATS.items():
+        for name, index in SUMMARY_STATS.items():
             metrics[f"{iou_type}_{name}"] = _nan_if_undefined(evaluator.stats[index])
         prec = evaluator.eval["precision"][:, :, order, 0, -1]  # area "all", maxDets 100
         precision[iou_type] = prec
