@@ -48,8 +48,8 @@ FEATURE_TOL = 1e-4
 LOSS_TOL = 1e-4
 MIN_MATCHED = 0.99
 BOX_IOU = 0.999
-# Final boxes are never size-filtered, so zero-width boxes (clipped at the image edge) occur, and IoU is
-# undefined for them: such boxes match when every coordinate agrees within this many pixels.
+# Final boxes are never size-filtered, so zero-width boxes (clipped at the image edge) occur; their IoU is
+# meaningless (box_iou gives 0): such boxes match when every coordinate agrees within this many pixels.
 BOX_TOL_PX = 1e-3
 SCORE_TOL = 1e-4
 MASK_IOU = 0.99
@@ -208,7 +208,7 @@ def match_detections(
     unmatched candidate it overlaps most."""
     if len(boxes) == 0 or len(ref_boxes) == 0:
         return []
-    iou = box_iou(ref_boxes.float(), boxes.float()).nan_to_num(0.0)
+    iou = box_iou(ref_boxes.float(), boxes.float())  # 0, not NaN, for zero-area boxes
     same_corners = (ref_boxes.float()[:, None, :] - boxes.float()[None, :, :]).abs().amax(dim=2) <= BOX_TOL_PX
     iou = torch.where(same_corners, torch.ones_like(iou), iou)
     ok = (iou >= BOX_IOU) & ((ref_scores[:, None] - scores[None, :]).abs() <= SCORE_TOL) & (ref_labels[:, None] == labels[None, :])
@@ -357,14 +357,13 @@ def _head_stages(model: HybridTaskCascade, fixture: dict[str, Any], metas: list[
 
 
 def _end_to_end_predict(model: HybridTaskCascade, fixture: dict[str, Any], images: Tensor, metas: list[ImageMeta]) -> list[Check]:
-    """``model(images)`` in eval mode, watching the backbone and neck outputs on the way."""
+    """``model(images)`` (the caller has put it in eval mode), watching the backbone and neck outputs on the way."""
     out = fixture["outputs"]
     seen: dict[str, Any] = {}
     hooks = [
         model.backbone.register_forward_hook(lambda _m, _i, o: seen.setdefault("backbone", o)),
         model.neck.register_forward_hook(lambda _m, _i, o: seen.setdefault("neck", o)),
     ]
-    model.eval()
     try:
         (detections,) = model(images, metas)
     finally:
