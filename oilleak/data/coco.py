@@ -29,6 +29,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from oilleak.config import DataConfig
+from oilleak.data.transforms import EXIF_ORIENTATION, SWAPPING_ORIENTATIONS
 from oilleak.errors import OilleakError
 from oilleak.structures import SEM_IGNORE
 
@@ -346,7 +347,7 @@ def image_size(path: Path, decode: bool) -> tuple[int, int]:
         if decode:
             im.load()
         width, height = im.size
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+        if im.getexif().get(EXIF_ORIENTATION) in SWAPPING_ORIENTATIONS:
             width, height = height, width
     return width, height
 

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from oilleak import __version__
+from oilleak.data.transforms import EXIF_ORIENTATION, SWAPPING_ORIENTATIONS
 from oilleak.errors import OilleakError
 
 SPLITS = ("train", "val")
@@ -40,9 +41,6 @@ AREA_SHAPE_TYPES = ("polygon", "rectangle", "circle")
 LINE_SHAPE_TYPES = ("line", "linestrip", "point", "points")
 # A 64-gon covers 99.8% of its circle; the gap to the rim stays under 1.2 px up to a radius of 1000 px.
 CIRCLE_POINTS = 64
-EXIF_ORIENTATION = 0x0112
-# EXIF orientations 5-8 turn the image by 90 degrees: width and height swap.
-SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 # File suffix of an image embedded as imageData, by its PIL format.
 SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif", "WEBP": ".webp"}
 MAX_ERRORS_SHOWN = 100

@@ -26,6 +26,8 @@ from oilleak.structures import SEM_IGNORE, ImageMeta, Targets
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
+EXIF_ORIENTATION = 0x0112  # the EXIF tag
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that turn the image by 90 degrees: width and height swap
 
 
 def load_image(path: str | Path) -> np.ndarray:
