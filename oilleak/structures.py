@@ -72,6 +72,3 @@ class Detections:
 
     def to(self, device: torch.device | str) -> Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), self.masks.to(device))
-
-    def select(self, keep: Tensor) -> Detections:
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], self.masks[keep])
