@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 from oilleak.models.detector import HybridTaskCascade
 from oilleak.models.htc import HybridTaskCascadeRoIHead
 from oilleak.models.presets import model_from_mmdet_config
-from oilleak.structures import ImageMeta, Targets
+from oilleak.parity import fixture_meta, fixture_targets
 
 FIXTURES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
@@ -40,18 +40,6 @@ def _head(fx: dict) -> HybridTaskCascadeRoIHead:
     head = _model(fx).roi_head
     head.load_state_dict(_weights(fx, "roi_head."), strict=True)
     return head.eval()
-
-
-def _meta(fx: dict) -> ImageMeta:
-    m = fx["inputs"]["img_meta"]
-    return ImageMeta(
-        image_id=0,
-        file_name=fx["inputs"]["image_file"],
-        ori_shape=tuple(m["ori_shape"]),
-        img_shape=tuple(m["img_shape"]),
-        pad_shape=tuple(m["pad_shape"]),
-        scale_factor=tuple(m["scale_factor"]),
-    )
 
 
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -99,7 +87,7 @@ def test_box_cascade_matches_mmdet(fixture):
     out, head = fixture["outputs"], _head(fixture)
     with torch.no_grad():
         _, semantic_feat = head.semantic_head(out["neck"])
-        cascade = head.box_cascade(out["neck"], semantic_feat, [out["proposals"][:, :4]], [_meta(fixture)])
+        cascade = head.box_cascade(out["neck"], semantic_feat, [out["proposals"][:, :4]], [fixture_meta(fixture)])
     for stage in range(head.num_stages):
         _assert_close(cascade.cls[stage], out["stage_cls"][stage], f"stage {stage} cls")
         _assert_close(cascade.reg[stage], out["stage_reg"][stage], f"stage {stage} reg")
@@ -115,7 +103,7 @@ def test_mask_cascade_matches_mmdet_on_its_detections(fixture):
 
 
 def test_detections_and_masks_match_mmdet(fixture):
-    out, head, meta = fixture["outputs"], _head(fixture), _meta(fixture)
+    out, head, meta = fixture["outputs"], _head(fixture), fixture_meta(fixture)
     with torch.no_grad():
         _, semantic_feat = head.semantic_head(out["neck"])
         cascade = head.box_cascade(out["neck"], semantic_feat, [out["proposals"][:, :4]], [meta])
@@ -140,17 +128,14 @@ def test_detections_and_masks_match_mmdet(fixture):
 
 
 def test_losses_match_mmdet(fixture):
-    feats, meta, gt = fixture["outputs"]["neck"], _meta(fixture), fixture["loss_inputs"]
+    feats, meta = fixture["outputs"]["neck"], fixture_meta(fixture)
     # the fixture's samplers take every candidate (num 1e7), so its losses are deterministic
     model = _model(fixture, train_cfg=fixture["loss_train_cfg"])
     model.rpn_head.load_state_dict(_weights(fixture, "rpn_head."), strict=True)
     model.roi_head.load_state_dict(_weights(fixture, "roi_head."), strict=True)
     with torch.no_grad():
         proposals = model.rpn_head.proposals(*model.rpn_head(feats), [meta], training=True)
-    targets = Targets(
-        boxes=gt["gt_bboxes"], labels=gt["gt_labels"], masks=gt["gt_masks"], sem_seg=gt["gt_sem_seg_padded"][0].to(torch.uint8)
-    )
-    losses = model.roi_head.train().loss(feats, [p[:, :4] for p in proposals], [meta], [targets])
+    losses = model.roi_head.train().loss(feats, [p[:, :4] for p in proposals], [meta], [fixture_targets(fixture)])
 
     expected = {k: v for k, v in fixture["losses"].items() if not k.startswith("loss_rpn")}
     assert set(losses) == set(expected)

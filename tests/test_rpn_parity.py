@@ -13,7 +13,7 @@ import torch
 
 from oilleak.models.box_ops import box_iou
 from oilleak.models.presets import build_rpn_head, spec_from_mmdet
-from oilleak.structures import ImageMeta, Targets
+from oilleak.parity import fixture_meta, fixture_targets
 
 FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
@@ -22,18 +22,6 @@ REL_TOL = 1e-4
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def fixture(request, fixtures_dir):
     return torch.load(fixtures_dir / request.param, weights_only=True)
-
-
-def fixture_meta(fixture) -> ImageMeta:
-    m = fixture["inputs"]["img_meta"]
-    return ImageMeta(
-        image_id=m["img_id"],
-        file_name=fixture["inputs"]["image_file"],
-        ori_shape=tuple(m["ori_shape"]),
-        img_shape=tuple(m["img_shape"]),
-        pad_shape=tuple(m["pad_shape"]),
-        scale_factor=tuple(m["scale_factor"]),
-    )
 
 
 def head_for(fixture, model_config):
@@ -101,8 +89,7 @@ def test_training_proposals_follow_the_train_settings(fixture):
 def test_rpn_losses_match_mmdet(fixture):
     head = head_for(fixture, {**fixture["model_config"], "train_cfg": fixture["loss_train_cfg"]})
     assert head.train_settings.num_samples == fixture["loss_train_cfg"]["rpn"]["sampler"]["num"]
-    gt = fixture["loss_inputs"]
-    targets = Targets(gt["gt_bboxes"], gt["gt_labels"], gt["gt_masks"], gt["gt_sem_seg_padded"][0].to(torch.uint8))
+    targets = fixture_targets(fixture)
     outputs = fixture["outputs"]
     losses = head.loss(outputs["rpn_cls"], outputs["rpn_reg"], [fixture_meta(fixture)], [targets])
     for key in ("loss_rpn_cls", "loss_rpn_bbox"):
