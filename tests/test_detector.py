@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from oilleak.config import PRESETS as CONFIG_PRESETS
 from oilleak.config import ModelConfig
 from oilleak.errors import OilleakError
 from oilleak.models.detector import total_loss
@@ -202,3 +203,8 @@ def test_all_presets_build():
             model = build_model(ModelConfig(preset=name), 3)
             assert model.roi_head.bbox_head[0].fc_cls.out_features == 4
             assert model.roi_head.semantic_head.conv_logits.out_channels == 4
+
+
+def test_the_config_accepts_exactly_the_presets_that_exist():
+    # config.py (bottom layer) cannot import the models, so it keeps its own list of names
+    assert sorted(CONFIG_PRESETS) == sorted(PRESETS)
