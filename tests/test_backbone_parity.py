@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from oilleak.models.presets import model_from_mmdet_config
+from oilleak.parity import FIXTURE_THREADS, intra_op_threads
 from oilleak.models.rfp import RFP
 
 FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
-FIXTURE_THREADS = 2
 
 
 def relative_error(ours: Tensor, ref: Tensor) -> float:
@@ -78,12 +78,8 @@ def test_neck_on_mmdet_features_matches_mmdet(fixture, trunk):
 @torch.inference_mode()
 def test_image_to_pyramid_matches_mmdet(fixture, trunk):
     images = fixture["inputs"]["batch_inputs"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(FIXTURE_THREADS)
-    try:
+    with intra_op_threads(FIXTURE_THREADS):
         feats = trunk.backbone(images)
         pyramid = trunk.neck(feats, image=images)
-    finally:
-        torch.set_num_threads(threads)
     assert_close_all(feats, fixture["outputs"]["backbone"], ["C2", "C3", "C4", "C5"])
     assert_close_all(pyramid, fixture["outputs"]["neck"], ["P2", "P3", "P4", "P5", "P6"])
