@@ -51,8 +51,19 @@ def _startup() -> None:
 
 def _exit_with(exc: OilleakError) -> NoReturn:
     # escape: messages quote file names, labels and exceptions, which may hold [brackets] rich reads as markup
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(_own_message(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
+
+
+def _own_message(exc: OilleakError) -> str:
+    """The error's message. One raised in a DataLoader worker (an image unreadable when it is loaded) comes
+    back as "Caught OilleakError in DataLoader worker process 0. Original Traceback ...": only the
+    traceback's last line, after the exception's name, is the message."""
+    text = str(exc)
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text and name in text:
+        return text.rsplit(name, 1)[1].rstrip("\n")
+    return text
 
 
 def friendly_errors(func: F) -> F:

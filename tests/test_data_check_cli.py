@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from test_data_layout import data_config, sample_root  # noqa: F401
@@ -119,3 +120,25 @@ def test_startup_error_is_printed_verbatim(monkeypatch, tmp_path):
     monkeypatch.setattr(oilleak.deps, "require_torchvision_ops", broken)
     result = run(str(tmp_path / "c.yaml"))  # rich would read "[/opt...]" as a closing tag: MarkupError
     assert result.exit_code == 2 and "libc10.so in [/opt/venv/lib/torch]" in result.output
+
+
+def test_error_from_a_loader_worker_is_shown_without_its_traceback(monkeypatch, tmp_path):
+    # an image unreadable when a DataLoader worker loads it: torch re-raises the OilleakError in the main
+    # process with the worker's traceback as its text; the command shows only the message
+    import oilleak.data.coco
+    from oilleak.errors import OilleakError
+
+    def load_in_a_worker(*args, **kwargs):
+        dataset = [None]
+
+        def unreadable(_):
+            raise OilleakError("cannot read image data/val/a.jpg: image file is truncated; replace the file")
+
+        loader = torch.utils.data.DataLoader(dataset, num_workers=1, collate_fn=unreadable)
+        next(iter(loader))
+
+    monkeypatch.setattr(oilleak.data.coco, "check_dataset", load_in_a_worker)
+    result = run(str(write_config(tmp_path / "c.yaml", tmp_path, ["oil"])))
+    assert result.exit_code == 2, result.output
+    assert "error: cannot read image data/val/a.jpg: image file is truncated; replace the file" in result.output
+    assert "Original Traceback" not in result.output and "worker" not in result.output
