@@ -244,6 +244,4 @@ def evaluate_model(
 ) -> EvalResult:
     """Predict over ``dataset`` and compute its COCO metrics (the training loop's validation)."""
     images = predict_dataset(model, dataset, device=device, batch_size=batch_size, workers=workers, progress=progress)
-    cat_ids = list(dataset.cat_ids)
-    class_names = [dataset.coco.cats[c]["name"] for c in cat_ids]  # classes are matched to categories by name
-    return coco_evaluate(dataset.coco, images, class_names, cat_ids)
+    return coco_evaluate(dataset.coco, images, list(dataset.classes), list(dataset.cat_ids))
