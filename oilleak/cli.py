@@ -211,6 +211,7 @@ def test_(
     outcome = run_test(
         cfg, ckpt, split=split, work_dir=work_dir, show_dir=show_dir, out=out, overwrite=overwrite,
         device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
+        config_name=str(config),
     )
     console.print(outcome.result.table())
     console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)

@@ -165,3 +165,16 @@ def test_cli_test_with_oilleak_and_mmdetection_checkpoints(tiny, tmp_path):
     result = runner.invoke(app, ["test", str(config), str(tmp_path / "other_oilleak.pth"), "--work-dir", str(work)])
     assert result.exit_code == 2 and "trained on the classes ['rust']" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_test_names_the_config_file_in_data_errors(data_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from oilleak.cli import app
+    from oilleak.config import save_config
+
+    config = make_config(data_root)
+    config.data.classes = ["sly_dmyw"]  # not the data's class: refused before any checkpoint is read
+    save_config(config, tmp_path / "mine.yaml")
+    result = CliRunner().invoke(app, ["test", str(tmp_path / "mine.yaml"), str(tmp_path / "unused.pth")])
+    assert result.exit_code == 2 and f"the class names in {tmp_path / 'mine.yaml'} do not match" in result.output

@@ -199,13 +199,15 @@ def run_test(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_load: Callable[[str], None] | None = None,
+    config_name: str = "your config",
 ) -> TestOutcome:
     """Evaluate ``ckpt`` on ``split`` and write everything (module docstring); ``on_load`` receives the
-    weight-load report of an mmdetection checkpoint before the (long) inference starts."""
+    weight-load report of an mmdetection checkpoint before the (long) inference starts; ``config_name``
+    is how data errors refer to the config file."""
     from oilleak.data.dataset import build_dataset
 
     check_out_path(out, overwrite)
-    dataset = build_dataset(config.data, split, train=False)
+    dataset = build_dataset(config.data, split, train=False, config_name=config_name)
     class_names, cat_ids = list(config.data.classes), list(dataset.cat_ids)
     pictures = show_paths(show_dir, [(r.image_id, r.file_name) for r in dataset.records]) if show_dir else {}
     _check_show_dir(pictures, overwrite)
