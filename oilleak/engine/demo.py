@@ -10,8 +10,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
-
 from oilleak.config import load_config, save_config
 from oilleak.errors import OilleakError
 
@@ -38,8 +36,8 @@ def write_demo_config(out: Path, template: Path = DEMO_CONFIG) -> Path:
     """configs/demo.yaml with its data and work folders inside ``out``; returns the written file."""
     if not template.is_file():
         raise OilleakError(f"{template} is missing: run the demo from an oilleak checkout (it ships configs/demo.yaml)")
-    config = load_config(template, [f"data.data_root={yaml.safe_dump(str(out / 'data')).strip()}",
-                                    f"train.work_dir={yaml.safe_dump(str(out / 'train')).strip()}"])
+    config = load_config(template)
+    config.data.data_root, config.train.work_dir = str(out / "data"), str(out / "train")
     path = out / "demo.yaml"
     save_config(config, path)
     return path
