@@ -169,14 +169,15 @@ def grouped_losses(losses: dict[str, float]) -> dict[str, float]:
 
 
 def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # on matplotlib's Agg canvas, without pyplot, as engine/plots.py: no global backend switch, nothing to close
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train = {r["iter"]: r for r in records if r["type"] == "train"}  # a resumed step replaces the old one
     val = {r["epoch"]: r for r in records if r["type"] == "val"}
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_map = fig.subplots(1, 2)
     steps = sorted(train)
     curves = {s: {"loss": train[s]["loss"], **grouped_losses({k: v for k, v in train[s].items() if k != "loss"})}
               for s in steps}
@@ -197,5 +198,4 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, out)
