@@ -18,9 +18,11 @@ from pycocotools.coco import COCO
 
 from oilleak.engine.evaluate import ImageResult
 
+MATCH_IOU = 0.5  # the default iou_thr: what `oilleak test` draws and reports
+
 
 def confusion_matrix(
-    coco_gt: COCO, images: list[ImageResult], cat_ids: list[int], score_thr: float, iou_thr: float = 0.5
+    coco_gt: COCO, images: list[ImageResult], cat_ids: list[int], score_thr: float, iou_thr: float = MATCH_IOU
 ) -> np.ndarray:
     k = len(cat_ids)
     background = k

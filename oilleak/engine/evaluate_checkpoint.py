@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
-from oilleak.engine.confusion import confusion_matrix
+from oilleak.engine.confusion import MATCH_IOU, confusion_matrix
 from oilleak.engine.eval_report import write_reports
 from oilleak.engine.evaluate import EvalResult, ImageResult, coco_evaluate, predict_dataset
 from oilleak.engine.plots import plot_confusion_matrix, plot_pr_curves
@@ -225,7 +225,7 @@ def run_test(
         "split": split,
         "ann_file": str(config.data.root() / config.data.split(split).ann_file),
         "images": len(images),
-        "confusion_matrix": {"labels": [*class_names, "background"], "score_thr": thr, "iou_thr": 0.5,
+        "confusion_matrix": {"labels": [*class_names, "background"], "score_thr": thr, "iou_thr": MATCH_IOU,
                              "rows_ground_truth_columns_predicted": matrix.tolist()},
     }
     written = write_reports(result, report_dir, extra)

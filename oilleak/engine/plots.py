@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from oilleak.engine.confusion import MATCH_IOU
 from oilleak.engine.evaluate import IOU_TYPES, EvalResult
 from oilleak.engine.visualize import palette
 
@@ -50,7 +51,7 @@ def plot_pr_curves(result: EvalResult, out_dir: Path) -> list[Path]:
     return paths
 
 
-def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, score_thr: float, iou_thr: float = 0.5) -> Path:
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, score_thr: float, iou_thr: float = MATCH_IOU) -> Path:
     """Counts in each cell, colour by the share of its row (each ground-truth class sums to 1)."""
     names = [*class_names, "background"]
     rows = matrix.sum(1, keepdims=True)
