@@ -87,7 +87,9 @@ class CocoDataset(Dataset):
         image = load_image(record.path)
         if image.shape[:2] != (record.height, record.width):
             raise OilleakError(
-                f"{record.path} is {image.shape[1]}x{image.shape[0]} but the json says {record.width}x{record.height}"
+                f"{record.path} is {image.shape[1]}x{image.shape[0]} (WxH) but the json says "
+                f"{record.width}x{record.height}: the file changed after the dataset was checked; restore it, or "
+                "re-create its annotations and run `oilleak check`"
             )
         if not self.train:
             tensor, meta = prepare_image(image, self.scale, record.image_id, record.file_name)
