@@ -2,12 +2,15 @@
 
     python bench/bench_inference.py                      # detectors_htc_r50, 6 classes, 800x1333, 3 runs
     python bench/bench_inference.py --peer /tmp/mmdet_peer   # also run mmdet 3.3 in the same session
+    python bench/bench_inference.py --device cuda --runs 20  # on a GPU (TF32 as PyTorch defaults: off for matmul, on for cuDNN)
 
 Random weights (ConvAWS gamma/beta set as ImageNet loading would, like the peer's script), a random
 normalised 800x1333 image padded to 800x1344, batch 1, ``torch.inference_mode()``, all cores. One warm-up
 run, then the median of ``--runs``. The timed call is ``model(images, metas)`` in eval mode, i.e.
 ``model.predict``, the path `oilleak parity` checks against mmdet; every run's detections must be identical.
-Peak RSS is the process high-water mark (model build included). Results go to stdout and, with --json, a file.
+Peak RSS is the process high-water mark (model build included); on CUDA also torch's peak allocated GPU
+memory, and each run ends with a synchronize so the time is the GPU's too. Results go to stdout and, with
+--json, a file.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def same_detections(a: list[Detections], b: list[Detections]) -> bool:
     )
 
 
-def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int) -> dict:
+def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset=preset), num_classes).eval()
     with torch.no_grad():
@@ -61,16 +64,21 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
     images = torch.zeros(1, 3, pad_h, pad_w)
     images[:, :, :height, :width] = torch.randn(1, 3, height, width)
     metas = [ImageMeta(0, "random", (height, width), (height, width), (pad_h, pad_w), (1.0, 1.0))]
+    model, images = model.to(device), images.to(device)
+    cuda = device.type == "cuda"
 
     times, outputs = [], []
     with torch.inference_mode():
         for _ in range(runs + 1):  # the first run is the warm-up
             start = time.perf_counter()
             outputs.append(model(images, metas))
+            if cuda:
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         reference = model.predict(images, metas)
     identical = all(same_detections(out, reference) for out in outputs)
-    return {
+    gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
+    return {**gpu,
         "median_s": statistics.median(times[1:]),
         "times_s": [round(t, 3) for t in times],
         "detections": len(outputs[-1][0]),
@@ -103,7 +111,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peer", type=Path, help="venv of the mmdet peer (setup_cpu.sh); omitted: no peer run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.set_num_threads(os.cpu_count() or 1)
     result = {
@@ -113,6 +123,7 @@ def main() -> None:
             "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "load_avg_before": os.getloadavg(),
         },
         "image": [args.height, args.width],
@@ -120,7 +131,7 @@ def main() -> None:
     # The peer runs first: a child's peak RSS starts from the parent's at fork, so the parent must be small.
     if args.peer:
         result["mmdet_peer"] = run_peer(args.peer, args.height, args.width, args.runs)
-    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs)
+    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device)
     if "median_s" in result.get("mmdet_peer", {}):
         result["speedup_vs_mmdet"] = result["mmdet_peer"]["median_s"] / result["oilleak"]["median_s"]
     result["machine"]["load_avg_after"] = os.getloadavg()

@@ -44,12 +44,12 @@ class Timed:
         return out
 
 
-def bench(preset: str, images: list[Path], warmup: Path, work: Path) -> dict:
+def bench(preset: str, images: list[Path], warmup: Path, work: Path, device: torch.device) -> dict:
     config = config_from_dict({"data": {"data_root": "unused", "classes": ["Pitting"]}, "model": {"preset": preset}})
     torch.manual_seed(0)
     save_checkpoint(work / f"{preset}.pth", model=build_model(config.model, 1), config=config)
     model, config = model_from_checkpoint(work / f"{preset}.pth")
-    timed = Timed(Predictor(model, config, torch.device("cpu"), config.predict.score_thr))
+    timed = Timed(Predictor(model.to(device), config, device, config.predict.score_thr))
     timed(load_image(warmup))
     timed.seconds = 0.0
     sources, _ = find_images([str(p) for p in images])
@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--presets", default="detectors_htc_r50_tiny:5,detectors_htc_r50:3", help="PRESET:N_IMAGES,...")
     parser.add_argument("--images", type=Path, default=BSDATA, help="folder of images (default: ../shared BSData)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     files = sorted(args.images.glob("*.jpg"))
     machine = {
@@ -82,13 +84,14 @@ def main() -> None:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "load_average_before": os.getloadavg(),
     }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.presets.split(","):
             preset, n = item.split(":")
-            results.append(bench(preset, files[1 : 1 + int(n)], files[0], Path(tmp)))
+            results.append(bench(preset, files[1 : 1 + int(n)], files[0], Path(tmp), device))
             print(json.dumps(results[-1]), flush=True)
     machine["load_average_after"] = os.getloadavg()
     print(json.dumps(machine))

@@ -3,10 +3,11 @@
     python bench/bench_train.py [--preset detectors_htc_r50_tiny detectors_htc_r50] [--size 1333 800]
                                 [--iters 3] [--batch-size 1] [--device cpu|cuda] [--amp] [--peer]
 
-Each preset trains in a child process of its own (so its peak memory is its own) on one synthetic image
-of the given size with the mmdetection peer's ground truth (3 boxes / masks of classes 0, 3, 5 of 6, a
-semantic map derived from them), random weights, the 1x schedule's SGD, through `run_training`: data
-loading, forward, backward, step, logging. The first iteration (warm-up) is left out of the median.
+Each preset trains in a child process of its own (so its peak memory is its own) on one batch of synthetic
+images of the given size, each with the mmdetection CPU peer's ground truth (3 boxes / masks of classes 0,
+3, 5 of 6, a semantic map derived from them), random weights, the 1x schedule's SGD, through
+`run_training`: data loading (reported apart too), forward, backward, step, logging. The first iteration
+(warm-up) is left out of the median.
 Peak memory is the child's peak RSS on CPU and torch's peak allocated memory on CUDA.
 `--peer` also runs mmdetection 3.3's own training step on the same input size with the peer venv of
 ../shared/peers/mmdet (`setup_cpu.sh /tmp/mmdet_peer`), when that venv exists.
@@ -35,20 +36,23 @@ CLASSES = [f"class_{k}" for k in range(6)]
 GROUND_TRUTH = [((100, 120, 400, 500), 0), ((600, 200, 900, 700), 3), ((50, 50, 90, 80), 5)]
 
 
-def make_image_dataset(root: Path, width: int, height: int) -> None:
+def make_image_dataset(root: Path, width: int, height: int, count: int) -> None:
+    """``count`` random images (one batch), each with the peer's ground truth."""
     (root / "train").mkdir(parents=True)
     (root / "annotations").mkdir()
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(root / "train" / "image.png")
-    annotations = []
-    for k, ((x1, y1, x2, y2), label) in enumerate(GROUND_TRUTH):
-        annotations.append({
-            "id": k + 1, "image_id": 1, "category_id": label + 1, "iscrowd": 0,
-            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-            "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
-        })
-    coco = {"images": [{"id": 1, "file_name": "image.png", "width": width, "height": height}],
-            "annotations": annotations, "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "train" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
+        for (x1, y1, x2, y2), label in GROUND_TRUTH:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1, "iscrowd": 0,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+            })
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
     (root / "annotations" / "train.json").write_text(json.dumps(coco))
 
 
@@ -62,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         width, height = args.size
-        make_image_dataset(root, width, height)
+        make_image_dataset(root, width, height, args.batch_size)
         cfg = config_from_dict({
             "data": {"data_root": str(root), "classes": CLASSES, "scale": [max(args.size), min(args.size)],
                      "flip_prob": 0.0, "batch_size": args.batch_size, "workers": 0,
@@ -76,8 +80,10 @@ def child(args: argparse.Namespace) -> None:
             run_training(cfg, TrainOptions(max_iters=args.iters + 1, device=args.device, amp=args.amp),
                          Console(file=sink))
         steps = [json.loads(line) for line in (Path(tmp) / "work" / "log.jsonl").read_text().splitlines()]
-    times = [s["time"] for s in steps if s["type"] == "train"][1:]
+    train = [s for s in steps if s["type"] == "train"][1:]
+    times = [s["time"] for s in train]
     print(json.dumps({"preset": args.preset, "seconds_per_iter": statistics.median(times), "times": times,
+                      "data_seconds_per_iter": statistics.median(s["data_time"] for s in train),
                       "peak_memory_gb": max(s["memory_mb"] for s in steps) / 1024}))
 
 
@@ -133,9 +139,11 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"input {args.size[0]}x{args.size[1]}, batch {args.batch_size}, {args.iters} timed iterations, "
           f"device {args.device}{' AMP' if args.amp else ''}\n")
-    print("| model | s / iteration | peak memory (GB) |\n|---|---|---|")
+    print("| model | s / iteration | of which data loading (s) | images / s | peak memory (GB) |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['preset']} | {row['seconds_per_iter']:.2f} | {row['peak_memory_gb']:.2f} |")
+        data = row.get("data_seconds_per_iter")
+        print(f"| {row['preset']} | {row['seconds_per_iter']:.3f} | {'' if data is None else f'{data:.3f}'} | "
+              f"{args.batch_size / row['seconds_per_iter']:.2f} | {row['peak_memory_gb']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -253,13 +253,15 @@ def predict(
 def parity(
     fixture: Annotated[Path, typer.Argument(help="an mmdet parity fixture (.pt), e.g. ../shared/fixtures/mmdet/htc_small.pt")],
     threads: Annotated[int, typer.Option(min=1, help="CPU threads; the fixtures were made with 2 (float32 sums follow the count)")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (TF32 is switched off for the run)")] = "cpu",
 ) -> None:
     """Check oilleak against mmdetection 3.3, stage by stage and end to end, on a parity fixture.
 
     Exit code 0 when every check passes, 1 when one fails, 2 when the fixture cannot be used."""
+    from oilleak.engine.distributed import resolve_device
     from oilleak.parity import print_report, run_parity
 
-    report = run_parity(fixture, threads=threads)
+    report = run_parity(fixture, threads=threads, device=resolve_device(device))
     print_report(report, console)
     if not report.passed:
         raise typer.Exit(1)

@@ -17,6 +17,7 @@ Tolerances: features and raw head outputs max |diff| / max |reference| <= 1e-4; 
 
 Float32 sums depend on the number of threads, and a random-weight network amplifies rounding about
 1000-fold (DetectoRS P2: 6e-4 off with 1 thread, 0.0 with 2), so the run uses the fixtures' thread count.
+On CUDA (``device``) TF32 is switched off for the run: its 10-bit mantissa is far outside these tolerances.
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def compare_detections(
     """Detections (or proposals: ``labels`` None) against mmdet's ``bboxes`` / ``scores`` / ``labels``."""
     boxes, scores = boxes.cpu(), scores.cpu()
     labels = torch.zeros(len(boxes), dtype=torch.long) if labels is None else labels.cpu()
+    ref = {key: value.cpu() for key, value in ref.items() if isinstance(value, Tensor)}
     ref_labels = ref.get("labels", torch.zeros(len(ref["bboxes"]), dtype=torch.long))
     pairs = match_detections(boxes, scores, labels, ref["bboxes"], ref["scores"], ref_labels)
     total = max(len(boxes), len(ref["bboxes"]))
@@ -288,17 +290,45 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_parity(path: str | Path, *, threads: int | None = FIXTURE_THREADS) -> ParityReport:
-    """Compare oilleak with the fixture at ``path``; bad input raises OilleakError."""
+@contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """No TF32 in convolutions and matrix products on CUDA while inside."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """The fixture's tensors (in dicts, lists and tuples) on ``device``; everything else as it is."""
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(value, device) for value in tree)
+    return tree
+
+
+def run_parity(path: str | Path, *, threads: int | None = FIXTURE_THREADS, device: str | torch.device = "cpu") -> ParityReport:
+    """Compare oilleak with the fixture at ``path``, run on ``device``; bad input raises OilleakError."""
     fixture = read_fixture(path)
-    with intra_op_threads(threads), torch.no_grad():
-        checks = compare_with_fixture(fixture)
+    device = torch.device(device)
+    with intra_op_threads(threads), full_float32(device), torch.no_grad():
+        checks = compare_with_fixture(fixture, device)
     variant = str(fixture.get("made_with", {}).get("variant", "?"))
     return ParityReport(fixture=str(path), variant=variant, checks=checks)
 
 
-def compare_with_fixture(fixture: dict[str, Any]) -> list[Check]:
+def compare_with_fixture(fixture: dict[str, Any], device: torch.device = torch.device("cpu")) -> list[Check]:
     model, weights = fixture_model(fixture)
+    model.to(device)
+    fixture = to_device({key: value for key, value in fixture.items() if key != "state_dict"}, device)
     images = fixture["inputs"]["batch_inputs"]
     metas = [fixture_meta(fixture)]
     model.eval()

@@ -73,12 +73,15 @@ class SAConv2d(ConvAWS2d):
                 "NaN reached the offsets of a switchable atrous convolution: the weights or the input hold NaN "
                 "(did training diverge? lower the learning rate or enable gradient clipping)"
             )
-        weight = self.standardized_weight()
+        # Deformable convolution runs in float32 under autocast too (torchvision's CPU kernel has no
+        # half/bfloat16 version, and its CUDA autocast wrapper casts to float32 as well); a no-op in float32.
+        x, offset_s, offset_l = x.float(), offset_s.float(), offset_l.float()
+        weight = self.standardized_weight().float()
         small = deform_conv2d(x, offset_s, weight, stride=self.stride, padding=self.padding, dilation=self.dilation)
         large = deform_conv2d(
             x,
             offset_l,
-            weight + self.weight_diff,  # the difference is added after standardisation, unstandardised
+            weight + self.weight_diff.float(),  # the difference is added after standardisation, unstandardised
             stride=self.stride,
             padding=tuple(3 * p for p in self.padding),
             dilation=tuple(3 * d for d in self.dilation),
