@@ -1,7 +1,7 @@
 """Training speed and memory through the real training loop: seconds per iteration and peak memory.
 
     python bench/bench_train.py [--preset detectors_htc_r50_tiny detectors_htc_r50] [--size 1333 800]
-                                [--iters 3] [--batch-size 1] [--device cpu|cuda] [--amp] [--peer]
+                                [--iters 3] [--batch-size 1] [--device cpu|cuda] [--amp] [--workers 0] [--peer]
 
 Each preset trains in a child process of its own (so its peak memory is its own) on one batch of synthetic
 images of the given size, each with the mmdetection CPU peer's ground truth (3 boxes / masks of classes 0,
@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
         make_image_dataset(root, width, height, args.batch_size)
         cfg = config_from_dict({
             "data": {"data_root": str(root), "classes": CLASSES, "scale": [max(args.size), min(args.size)],
-                     "flip_prob": 0.0, "batch_size": args.batch_size, "workers": 0,
+                     "flip_prob": 0.0, "batch_size": args.batch_size, "workers": args.workers,
                      "train": {"ann_file": "annotations/train.json", "img_dir": "train"},
                      "val": {"ann_file": "annotations/none.json", "img_dir": "train"}},  # no evaluation
             "model": {"preset": args.preset},
@@ -89,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, preset: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--preset", preset, "--size", *map(str, args.size),
-           "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--device", args.device]
+           "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--device", args.device, "--workers", str(args.workers)]
     cmd += ["--amp"] if args.amp else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes (0: load in the training loop)")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +139,7 @@ def main() -> None:
     print(f"machine: {platform.node()}, {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"input {args.size[0]}x{args.size[1]}, batch {args.batch_size}, {args.iters} timed iterations, "
-          f"device {args.device}{' AMP' if args.amp else ''}\n")
+          f"device {args.device}{' AMP' if args.amp else ''}, {args.workers} loader workers\n")
     print("| model | s / iteration | of which data loading (s) | images / s | peak memory (GB) |\n|---|---|---|---|---|")
     for row in rows:
         data = row.get("data_seconds_per_iter")

@@ -6,7 +6,7 @@
 #   .peer/                           a copy of ../shared/peers/mmdet (the mmdetection peer; optional)
 # Each step has its own time limit, all of them end by $DEADLINE seconds (default 540), and a failing step
 # does not stop the next. Logs go to $OUT/gpu_logs.tar.gz after every step, and a line per step to
-# $OUT/summary.txt (OUT defaults to ./gpu_out).
+# $OUT/summary.txt (OUT defaults to ./gpu_out). ONLY="step step ..." runs just those steps.
 set -u
 OUT=${OUT:-gpu_out}
 DEADLINE=${DEADLINE:-540}
@@ -17,6 +17,7 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: the command's output to $LOGS/NAME.log, its tail to stdout
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     if ((DEADLINE - SECONDS < limit)); then limit=$((DEADLINE - SECONDS)); fi
     if ((limit < 20)); then
         echo "$name: skipped, $limit s left before the deadline" | tee -a "$OUT/summary.txt"
@@ -42,14 +43,14 @@ step resume_amp_cli 90 python3 -m oilleak train /tmp/demo/demo.yaml --device cud
 
 # speed and memory of the full detectors_htc_r50 (6 classes, 1333x800, random weights)
 step inference_cuda 120 python3 bench/bench_inference.py --device cuda --runs 20 --json "$LOGS/inference_cuda.json"
-step train_fp32_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 10
-step train_amp_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 10 --amp
+step train_fp32_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 12 --workers 2
+step train_amp_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 12 --workers 2 --amp
 step predict_cuda 150 python3 bench/bench_predict.py --device cuda --images /tmp/demo/data/train \
     --presets detectors_htc_r50_tiny:6,detectors_htc_r50:6 --json "$LOGS/predict_cuda.json"
 
 # the peer in the same session: mmdetection 3.3 with mmcv's ops compiled for this GPU
 if [ -d .peer ]; then
-    step mmdet_peer 240 bash -c 'source .peer/gpu_env.sh && python3 .peer/bench/mmdet_gpu_bench.py /tmp/gpu_logs/mmdet_gpu.json 10'
+    step mmdet_peer 240 bash -c 'source .peer/gpu_env.sh && python3 .peer/bench/mmdet_gpu_bench.py /tmp/gpu_logs/mmdet_gpu.json 12'
 fi
 
-cat "$OUT/summary.txt"
+cat "$OUT/summary.txt" 2>/dev/null
