@@ -3,7 +3,7 @@
     python bench/bench_train.py [--preset detectors_htc_r50_tiny detectors_htc_r50] [--size 1333 800]
                                 [--iters 3] [--batch-size 1] [--device cpu|cuda] [--amp] [--workers 0] [--peer]
 
-Each preset trains in a child process of its own (so its peak memory is its own) on one batch of synthetic
+Each preset trains in a child process of its own (so its peak memory is its own) on one epoch of synthetic
 images of the given size, each with the mmdetection CPU peer's ground truth (3 boxes / masks of classes 0,
 3, 5 of 6, a semantic map derived from them), random weights, the 1x schedule's SGD, through
 `run_training`: data loading (reported apart too), forward, backward, step, logging. The first iteration
@@ -37,7 +37,7 @@ GROUND_TRUTH = [((100, 120, 400, 500), 0), ((600, 200, 900, 700), 3), ((50, 50, 
 
 
 def make_image_dataset(root: Path, width: int, height: int, count: int) -> None:
-    """``count`` random images (one batch), each with the peer's ground truth."""
+    """``count`` random images, each with the peer's ground truth."""
     (root / "train").mkdir(parents=True)
     (root / "annotations").mkdir()
     rng = np.random.default_rng(0)
@@ -66,7 +66,8 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         width, height = args.size
-        make_image_dataset(root, width, height, args.batch_size)
+        # one epoch holds every iteration: loader workers start once, as in a real epoch
+        make_image_dataset(root, width, height, args.batch_size * (args.iters + 1))
         cfg = config_from_dict({
             "data": {"data_root": str(root), "classes": CLASSES, "scale": [max(args.size), min(args.size)],
                      "flip_prob": 0.0, "batch_size": args.batch_size, "workers": args.workers,

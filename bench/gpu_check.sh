@@ -43,14 +43,14 @@ step resume_amp_cli 90 python3 -m oilleak train /tmp/demo/demo.yaml --device cud
 
 # speed and memory of the full detectors_htc_r50 (6 classes, 1333x800, random weights)
 step inference_cuda 120 python3 bench/bench_inference.py --device cuda --runs 20 --json "$LOGS/inference_cuda.json"
-step train_fp32_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 12 --workers 2
-step train_amp_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 12 --workers 2 --amp
+step train_fp32_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 10
+step train_amp_b2 150 python3 bench/bench_train.py --preset detectors_htc_r50 --device cuda --batch-size 2 --iters 10 --amp
 step predict_cuda 150 python3 bench/bench_predict.py --device cuda --images /tmp/demo/data/train \
     --presets detectors_htc_r50_tiny:6,detectors_htc_r50:6 --json "$LOGS/predict_cuda.json"
 
 # the peer in the same session: mmdetection 3.3 with mmcv's ops compiled for this GPU
 if [ -d .peer ]; then
-    step mmdet_peer 240 bash -c 'source .peer/gpu_env.sh && python3 .peer/bench/mmdet_gpu_bench.py /tmp/gpu_logs/mmdet_gpu.json 12'
+    step mmdet_peer 240 bash -c 'source .peer/gpu_env.sh && python3 .peer/bench/mmdet_gpu_bench.py /tmp/gpu_logs/mmdet_gpu.json 10'
 fi
 
 cat "$OUT/summary.txt" 2>/dev/null

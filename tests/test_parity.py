@@ -115,3 +115,10 @@ def test_detection_matching_and_mask_iou_hand_computed():
     smaller[0, 8:10] = False  # 80 of the 100 pixels: IoU 0.8
     check = compare_masks("s", smaller, ref_rles, [(0, 0)])
     assert not check.passed and "worst IoU 0.80000" in check.detail
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cli_device_cuda_without_a_gpu_is_a_clear_error(fixtures_dir):
+    result = CliRunner().invoke(app, ["parity", str(fixtures_dir / "htc_small.pt"), "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "no CUDA GPU is visible" in result.output and "--device cpu" in result.output
