@@ -21,6 +21,7 @@ SHARED = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared"))
 SAMPLE = REPO / "sample" / "bsdata"
 BSDATA = SHARED / "data" / "bsdata" / "train"
 FIXTURES = SHARED / "fixtures" / "mmdet"
+FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]  # the mmdet parity fixtures, DetectoRS first
 
 
 def _require(path: Path) -> Path:

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from oilleak.models.presets import model_from_mmdet_config
 from oilleak.parity import FIXTURE_THREADS, intra_op_threads
 from oilleak.models.rfp import RFP
+from tests.conftest import FIXTURE_NAMES
 
-FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
 
 

@@ -22,6 +22,7 @@ from oilleak.data.transforms import (
 )
 from oilleak.errors import OilleakError
 from oilleak.structures import ImageMeta, Targets
+from tests.conftest import FIXTURE_NAMES
 
 
 def mask_box(mask: torch.Tensor) -> list[float]:
@@ -129,7 +130,7 @@ def test_prepare_image_reproduces_mmdet_fixture_input(bsdata_dir, fixtures_dir):
     assert torch.allclose(batch, fixture["batch_inputs"], atol=1e-5)
 
 
-@pytest.mark.parametrize("fixture_name", ["detectors_htc_small.pt", "htc_small.pt"])
+@pytest.mark.parametrize("fixture_name", FIXTURE_NAMES)
 def test_boxes_to_original_matches_mmdet_rescaled_detections(fixtures_dir, fixture_name):
     fixture = torch.load(fixtures_dir / fixture_name, weights_only=True)
     ref = fixture["inputs"]["img_meta"]

@@ -4,8 +4,6 @@ the train / eval contract, and a loss step that reaches every trainable paramete
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +15,7 @@ from oilleak.models.detector import total_loss
 from oilleak.models.presets import PRESETS, build_from_spec, build_model, model_from_mmdet_config, preset_spec, spec_from_mmdet
 from oilleak.parity import fixture_meta, fixture_targets
 from oilleak.structures import SEM_IGNORE, Detections, ImageMeta, Targets
-
-
-def read_keys(path: Path) -> dict[str, tuple[int, ...]]:
-    rows = path.read_text().splitlines()[1:]
-    return {key: tuple(int(d) for d in shape.split("x")) if shape else () for key, shape, _ in (r.split("\t") for r in rows)}
+from tests.conftest import FIXTURE_NAMES
 
 
 def shapes(model) -> dict[str, tuple[int, ...]]:
@@ -31,19 +25,7 @@ def shapes(model) -> dict[str, tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------------ layout
 
 
-def test_full_presets_have_mmdets_state_dict(fixtures_dir):
-    htc_coco = preset_spec(ModelConfig(preset="htc_r50"), 80)
-    htc_coco = replace(htc_coco, roi_head=replace(htc_coco.roi_head, semantic_num_classes=183))  # COCO-stuff maps
-    with torch.device("meta"):  # names and shapes only: no memory, no init cost
-        detectors = build_model(ModelConfig(preset="detectors_htc_r50"), 6)
-        coco = build_from_spec(htc_coco)
-    expected = read_keys(fixtures_dir / "keys" / "detectors_htc_r50_oilleak6.tsv")
-    assert shapes(detectors) == expected
-    assert sum(p.numel() for p in detectors.parameters()) == 134_424_716  # as the fixtures' README states
-    assert shapes(coco) == read_keys(fixtures_dir / "keys" / "htc_r50_coco.tsv")
-
-
-@pytest.mark.parametrize("name", ["detectors_htc_small.pt", "htc_small.pt"])
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_tiny_presets_are_the_fixtures_models(fixtures_dir, name):
     """The tiny presets equal, value for value, what mmdet's config makes at the fixtures' widths."""
     fixture = torch.load(fixtures_dir / name, weights_only=True)

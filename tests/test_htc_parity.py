@@ -16,12 +16,12 @@ from oilleak.models.detector import HybridTaskCascade
 from oilleak.models.htc import HybridTaskCascadeRoIHead
 from oilleak.models.presets import model_from_mmdet_config
 from oilleak.parity import fixture_meta, fixture_targets
+from tests.conftest import FIXTURE_NAMES
 
-FIXTURES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def fixture(request, fixtures_dir):
     return torch.load(fixtures_dir / request.param, weights_only=True)
 

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from oilleak.cli import app
 from oilleak.parity import END_TO_END, END_TO_END_LOSSES, STAGES, compare_detections, compare_masks, run_parity
+from tests.conftest import FIXTURE_NAMES
 
-FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)

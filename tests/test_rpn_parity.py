@@ -14,8 +14,8 @@ import torch
 from oilleak.models.box_ops import box_iou
 from oilleak.models.presets import build_rpn_head, spec_from_mmdet
 from oilleak.parity import fixture_meta, fixture_targets
+from tests.conftest import FIXTURE_NAMES
 
-FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
 REL_TOL = 1e-4
 
 
