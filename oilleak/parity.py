@@ -103,6 +103,7 @@ class ParityReport:
     fixture: str
     variant: str
     checks: list[Check]
+    device: str = "cpu"
 
     @property
     def passed(self) -> bool:
@@ -322,7 +323,7 @@ def run_parity(path: str | Path, *, threads: int | None = FIXTURE_THREADS, devic
     with intra_op_threads(threads), full_float32(device), torch.no_grad():
         checks = compare_with_fixture(fixture, device)
     variant = str(fixture.get("made_with", {}).get("variant", "?"))
-    return ParityReport(fixture=str(path), variant=variant, checks=checks)
+    return ParityReport(fixture=str(path), variant=variant, checks=checks, device=str(device))
 
 
 def compare_with_fixture(fixture: dict[str, Any], device: torch.device = torch.device("cpu")) -> list[Check]:
@@ -434,8 +435,13 @@ def print_report(report: ParityReport, console: Console) -> None:
         names = ", ".join(f"{c.section}: {c.name}" for c in report.failures()[:8])
         console.print(f"[bold red]{len(report.failures())} of {len(report.checks)} checks fail[/]: {names}", highlight=False)
         if all(c.section != STAGES for c in report.failures()):
+            where = (
+                f"{report.device} sums float32 in another order than the CPU the fixtures were made on"
+                if report.device != "cpu"
+                else f"the fixtures were made with {FIXTURE_THREADS} CPU threads (--threads {FIXTURE_THREADS}) on an "
+                "x86 CPU; another thread count or CPU sums in another order"
+            )
             console.print(
                 "Every stage matches on mmdet's own inputs, so the end-to-end differences are float32 rounding "
-                "amplified through the network: the fixtures were made with "
-                f"{FIXTURE_THREADS} CPU threads (--threads {FIXTURE_THREADS}) on an x86 CPU; another thread count or CPU sums in another order."
+                f"amplified through the network: {where}."
             )
