@@ -37,7 +37,7 @@ from torch import Tensor
 
 from oilleak.errors import OilleakError
 from oilleak.models.box_ops import box_iou
-from oilleak.models.checkpoint import load_weights
+from oilleak.models.checkpoint import load_weights, read_torch_file
 from oilleak.models.detector import HybridTaskCascade
 from oilleak.models.presets import model_from_mmdet_config
 from oilleak.models.rfp import RFP
@@ -117,13 +117,7 @@ class ParityReport:
 
 
 def read_fixture(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise OilleakError(f"parity fixture {path} does not exist; pass a .pt file such as ../shared/fixtures/mmdet/htc_small.pt")
-    try:
-        fixture = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise OilleakError(f"parity fixture {path} cannot be read ({exc.__class__.__name__}): is it a complete .pt file?") from None
+    fixture = read_torch_file(path, "parity fixture", "a .pt file such as ../shared/fixtures/mmdet/htc_small.pt")
     check_fixture(fixture, str(path))
     return fixture
 

@@ -65,18 +65,24 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra
     atomic_torch_save(ckpt, path)
 
 
-def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Load any checkpoint dict (oilleak, mmdet or a bare state dict) safely, with clear errors."""
+def read_torch_file(path: str | Path, what: str = "checkpoint", expected: str = "a .pth file") -> Any:
+    """``torch.load`` of a user-given file onto the CPU, tensors and containers only (weights_only), with
+    errors that name the file: ``what`` it should be and the ``expected`` kind of path."""
     path = Path(path)
     if not path.is_file():
-        raise OilleakError(f"checkpoint {path} does not exist; pass the path of a .pth file")
+        raise OilleakError(f"{what} {path} does not exist; pass the path of {expected}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
         raise OilleakError(
-            f"checkpoint {path} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
-            "is it a complete PyTorch checkpoint file (not truncated, not a config)?"
+            f"{what} {path} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "is it a complete PyTorch file (not truncated, not a config)?"
         ) from None
+
+
+def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Load any checkpoint dict (oilleak, mmdet or a bare state dict) safely, with clear errors."""
+    obj = read_torch_file(path)
     if not isinstance(obj, dict):
         raise OilleakError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
