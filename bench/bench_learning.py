@@ -24,7 +24,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_train_loop import make_shapes, shapes_config  # noqa: E402
 
-from oilleak.engine.train import TrainOptions, run_training  # noqa: E402
+from oilleak.train.loop import TrainOptions, run_training  # noqa: E402
 
 
 def main() -> None:

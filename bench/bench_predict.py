@@ -23,7 +23,7 @@ import torch
 
 from oilleak.config import config_from_dict
 from oilleak.data.transforms import load_image
-from oilleak.engine.predict import Predictor, find_images, predict_images
+from oilleak.predict.predictor import Predictor, find_images, predict_images
 from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
 from oilleak.models.presets import build_model
 

@@ -61,7 +61,7 @@ def child(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from oilleak.config import config_from_dict
-    from oilleak.engine.train import TrainOptions, run_training
+    from oilleak.train.loop import TrainOptions, run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"

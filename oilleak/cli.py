@@ -143,7 +143,7 @@ def check(
     report = check_dataset(cfg.data, config_name=str(config))
     console.print(report.format(), markup=False, highlight=False, soft_wrap=True)
     if gallery is not None:
-        from oilleak.engine.gallery import write_gallery
+        from oilleak.data.gallery import write_gallery
 
         written = write_gallery(report, gallery)
         console.print(f"gallery: {len(written)} images written to {gallery}", markup=False, highlight=False, soft_wrap=True)
@@ -172,7 +172,7 @@ def train(
     --resume continues from WORK_DIR/latest.pth (model, optimiser, schedule, data order, RNG, best metric);
     --resume-from CKPT continues from another checkpoint; --load-from only takes the weights and starts anew."""
     from oilleak.config import load_config
-    from oilleak.engine.train import TrainOptions, run_training
+    from oilleak.train.loop import TrainOptions, run_training
 
     cfg = load_config(config, set_ or [])
     options = TrainOptions(
@@ -204,8 +204,8 @@ def test_(
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
     Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
     from oilleak.config import load_config
-    from oilleak.engine.evaluate_checkpoint import run_test
-    from oilleak.engine.distributed import resolve_device
+    from oilleak.evaluate.run import run_test
+    from oilleak.distributed import resolve_device
 
     cfg = load_config(config, set_ or [])
     outcome = run_test(
@@ -236,7 +236,7 @@ def predict(
 
     Unreadable images are listed and skipped; exit code 0 when at least one image was predicted.
     --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200]."""
-    from oilleak.engine.predict import run_predict
+    from oilleak.predict.predictor import run_predict
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
                          device=device, overrides=set_)
@@ -258,7 +258,7 @@ def parity(
     """Check oilleak against mmdetection 3.3, stage by stage and end to end, on a parity fixture.
 
     Exit code 0 when every check passes, 1 when one fails, 2 when the fixture cannot be used."""
-    from oilleak.engine.distributed import resolve_device
+    from oilleak.distributed import resolve_device
     from oilleak.parity import print_report, run_parity
 
     report = run_parity(fixture, threads=threads, device=resolve_device(device))
@@ -276,7 +276,7 @@ def demo(
 ) -> None:
     """The whole pipeline on the bundled sample in a few minutes on a CPU: convert, check, train a tiny
     DetectoRS briefly, evaluate it, and write prediction overlays."""
-    from oilleak.engine.demo import prepare_output, sample_dir, trained_checkpoint, write_demo_config
+    from oilleak.demo import prepare_output, sample_dir, trained_checkpoint, write_demo_config
 
     source = sample_dir(sample)
     prepare_output(out)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from oilleak.cli import app
-from oilleak.engine.demo import MARKER, prepare_output
+from oilleak.demo import MARKER, prepare_output
 from oilleak.errors import OilleakError
 from oilleak.models.checkpoint import load_checkpoint
 

@@ -16,8 +16,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from oilleak.engine.eval_report import write_reports
-from oilleak.engine.evaluate import ImageResult, coco_evaluate, variant_groups
+from oilleak.evaluate.report import write_reports
+from oilleak.evaluate.coco_eval import ImageResult, coco_evaluate, variant_groups
 from oilleak.structures import Detections, ImageMeta
 
 H, W = 48, 64

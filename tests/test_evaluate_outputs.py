@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oilleak.engine.confusion import confusion_matrix
-from oilleak.engine.evaluate import coco_evaluate
-from oilleak.engine.evaluate_checkpoint import check_out_path, write_detections
-from oilleak.engine.plots import plot_confusion_matrix, plot_pr_curves
+from oilleak.evaluate.confusion import confusion_matrix
+from oilleak.evaluate.coco_eval import coco_evaluate
+from oilleak.evaluate.run import check_out_path, write_detections
+from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
 from oilleak.errors import OilleakError
 from tests.test_evaluate import CAT_IDS, CLASSES, OBJECTS, _ellipse, _gt_as_dets, _perturbed, make_coco, predictions, pycocotools_stats
 
@@ -100,7 +100,7 @@ def test_out_path_is_checked_before_anything_runs(tmp_path):
 
 
 def test_show_paths_keep_dataset_names_unique(tmp_path):
-    from oilleak.engine.evaluate_checkpoint import show_paths
+    from oilleak.evaluate.run import show_paths
 
     paths = show_paths(tmp_path, [(1, "a.jpg"), (2, "a.png"), (3, "sub/a.jpg"), (4, "b.tif")])
     assert paths == {1: tmp_path / "a.jpg", 2: tmp_path / "a.png", 3: tmp_path / "sub" / "a.jpg", 4: tmp_path / "b.tif.png"}

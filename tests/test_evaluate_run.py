@@ -15,9 +15,9 @@ from torch import nn
 from oilleak.config import config_from_dict
 from oilleak.data.dataset import build_dataset
 from oilleak.data.labelme import convert_labelme
-from oilleak.engine import evaluate_checkpoint
-from oilleak.engine.evaluate import evaluate_model
-from oilleak.engine.evaluate_checkpoint import run_test
+from oilleak.evaluate import run as evaluate_run
+from oilleak.evaluate.coco_eval import evaluate_model
+from oilleak.evaluate.run import run_test
 from oilleak.errors import OilleakError
 from oilleak.structures import Detections
 
@@ -82,7 +82,7 @@ def test_run_test_writes_reports_pictures_and_detections(data_root, tmp_path, mo
         stand_in["model"] = GroundTruthModel(ds.coco, ds.cat_ids)
         return stand_in["model"], ""
 
-    monkeypatch.setattr(evaluate_checkpoint, "load_model_for_test", fake_load)
+    monkeypatch.setattr(evaluate_run, "load_model_for_test", fake_load)
     show, out = tmp_path / "show", tmp_path / "dets.pkl"
     outcome = run_test(config, tmp_path / "unused.pth", work_dir=tmp_path / "work", show_dir=show, out=out, progress=False)
     assert outcome.result.metrics["segm_mAP"] == pytest.approx(1.0)

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from oilleak.engine.instances import Instance, fill_holes, instances_from_detections, mask_polygons
-from oilleak.engine.predict import Source, find_images, fresh_dir, output_folders, predict_images
-from oilleak.engine.tiling import merge_tiles, predict_tiled, same_object, tile_windows
+from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
+from oilleak.predict.predictor import Source, find_images, fresh_dir, output_folders, predict_images
+from oilleak.predict.tiling import merge_tiles, predict_tiled, same_object, tile_windows
 from oilleak.structures import Detections
 
 CLASSES = ["dark", "red"]
@@ -253,7 +253,7 @@ def test_pieces_are_merged_only_within_the_shared_area_and_same_class():
 
 
 def test_device_option_errors_name_the_fix():
-    from oilleak.engine.distributed import resolve_device
+    from oilleak.distributed import resolve_device
     from oilleak.errors import OilleakError
 
     assert resolve_device("cpu") == torch.device("cpu")

@@ -22,10 +22,10 @@ from oilleak.cli import app
 from oilleak.config import config_from_dict
 from oilleak.data.labelme import convert_labelme
 from oilleak.data.transforms import load_image, pad_batch, prepare_image
-from oilleak.engine.from_scratch import calibrate_frozen_batchnorm
-from oilleak.engine.instances import fill_holes
-from oilleak.engine.predict import Predictor, find_images, predict_images, run_predict
-from oilleak.engine.tiling import tile_windows
+from oilleak.train.from_scratch import calibrate_frozen_batchnorm
+from oilleak.predict.instances import fill_holes
+from oilleak.predict.predictor import Predictor, find_images, predict_images, run_predict
+from oilleak.predict.tiling import tile_windows
 from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
 from oilleak.models.presets import build_model
 

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from oilleak.config import TrainConfig
-from oilleak.engine.schedule import build_optimizer, choose_lr, lr_at, step_factor, warmup_factor
-from oilleak.engine.train_data import EpochBatches
-from oilleak.engine.train_log import grouped_losses, plot_curves
-from oilleak.engine.train_state import CheckpointFiles, capture_rng, existing_outputs, restore_rng
+from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, step_factor, warmup_factor
+from oilleak.train.sample_order import EpochBatches
+from oilleak.train.log import grouped_losses, plot_curves
+from oilleak.train.state import CheckpointFiles, capture_rng, existing_outputs, restore_rng
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -117,7 +117,7 @@ def _fake_save(path, *, model, config, extra):
 
 
 def test_checkpoint_files_keep_last_k_latest_and_best(tmp_path, monkeypatch):
-    monkeypatch.setattr("oilleak.engine.train_state.save_checkpoint", _fake_save)
+    monkeypatch.setattr("oilleak.train.state.save_checkpoint", _fake_save)
     files = CheckpointFiles(tmp_path, keep=2)
     for epoch, best in ((1, True), (2, False), (3, True), (4, False)):
         files.save_epoch(epoch, model=None, config=None, train_state={"epoch": epoch}, is_best=best)

@@ -23,7 +23,7 @@ def _worker(data_root: str, work_dir: str, out_dir: str, max_iters: int, fail_ra
     from test_train_loop import quiet, shapes_config
 
     from oilleak.data.dataset import CocoDataset
-    from oilleak.engine.train import TrainOptions, run_training
+    from oilleak.train.loop import TrainOptions, run_training
 
     rank = int(os.environ["RANK"])
     if rank == fail_rank:

@@ -3,7 +3,7 @@ four synthetic images and reaches mask mAP >= 0.5 on them, measured here with py
 
 120 iterations of batch 2 at 128x128 with lr 0.01 on one CPU thread: about 4 minutes (BENCHMARKS.md,
 Training, has the curves). lr 0.02 diverged on some seeds and thread counts; at 96x96 the smallest shapes sit
-below the 32 px anchors and the mAP varied from 0.24 to 0.9 with the thread count. Without the BatchNorm statistics set before the first step (engine/from_scratch.py) an 8-image run
+below the 32 px anchors and the mAP varied from 0.24 to 0.9 with the thread count. Without the BatchNorm statistics set before the first step (train/from_scratch.py) an 8-image run
 of the same kind stayed near mAP 0 for its first 100 iterations (BENCHMARKS.md).
 """
 
@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from oilleak.data.dataset import build_dataset, collate
-from oilleak.engine.train import TrainOptions, run_training
+from oilleak.train.loop import TrainOptions, run_training
 from test_train_loop import make_shapes, quiet, shapes_config
 
 ITERATIONS = 120  # 4 images / batch 2 = 2 steps per epoch: 60 epochs

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 
 from oilleak.config import config_from_dict
-from oilleak.engine.train import TrainingDiverged, TrainOptions, run_training
+from oilleak.train.loop import TrainingDiverged, TrainOptions, run_training
 from oilleak.errors import OilleakError
 from oilleak.models.checkpoint import save_checkpoint
 

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
-from oilleak.engine.confusion import MATCH_IOU, confusion_matrix
-from oilleak.engine.eval_report import write_reports
-from oilleak.engine.evaluate import EvalResult, ImageResult, coco_evaluate, predict_dataset
-from oilleak.engine.plots import plot_confusion_matrix, plot_pr_curves
-from oilleak.engine.progress import progress_bar
-from oilleak.engine.visualize import draw_instances, save_image, side_by_side
+from oilleak.evaluate.confusion import MATCH_IOU, confusion_matrix
+from oilleak.evaluate.report import write_reports
+from oilleak.evaluate.coco_eval import EvalResult, ImageResult, coco_evaluate, predict_dataset
+from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
+from oilleak.progress import progress_bar
+from oilleak.visualize import draw_instances, save_image, side_by_side
 from oilleak.errors import OilleakError
 
 OUT_SUFFIXES = (".json", ".pkl")

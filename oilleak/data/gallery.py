@@ -6,7 +6,7 @@ from pathlib import Path
 
 from oilleak.data.coco import DataReport, ImageRecord
 from oilleak.data.transforms import load_image
-from oilleak.engine.visualize import draw_instances, save_image
+from oilleak.visualize import draw_instances, save_image
 from oilleak.errors import OilleakError
 
 

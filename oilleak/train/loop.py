@@ -24,14 +24,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from oilleak.config import Config, save_config
-from oilleak.engine import distributed
-from oilleak.engine.distributed import Runtime
-from oilleak.engine.from_scratch import calibrate_frozen_batchnorm
-from oilleak.engine.schedule import build_optimizer, choose_lr, lr_at, set_lr
-from oilleak.engine.stop_signals import StopSignals
-from oilleak.engine.train_data import EpochBatches, train_loader
-from oilleak.engine.train_log import TrainLog
-from oilleak.engine.train_state import CheckpointFiles, capture_rng, existing_outputs, restore_rng, seed_everything
+from oilleak import distributed
+from oilleak.distributed import Runtime
+from oilleak.train.from_scratch import calibrate_frozen_batchnorm
+from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, set_lr
+from oilleak.train.stop_signals import StopSignals
+from oilleak.train.sample_order import EpochBatches, train_loader
+from oilleak.train.log import TrainLog
+from oilleak.train.state import CheckpointFiles, capture_rng, existing_outputs, restore_rng, seed_everything
 from oilleak.errors import OilleakError
 from oilleak.models.detector import total_loss
 from oilleak.structures import Batch
@@ -505,7 +505,7 @@ class Trainer:
         failure: BaseException | None = None
         outcome: tuple[dict[str, float] | None, str | None] = (None, None)
         if self.runtime.is_main:
-            from oilleak.engine.evaluate import evaluate_model
+            from oilleak.evaluate.coco_eval import evaluate_model
 
             try:
                 with self.log.paused():  # the evaluation shows its own progress bar

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from oilleak.engine.evaluate import IOU_TYPES, SUMMARY_STATS, EvalResult
+from oilleak.evaluate.coco_eval import IOU_TYPES, SUMMARY_STATS, EvalResult
 
 NO_GT = "no GT"
 _IOU_TITLES = {"bbox": "box", "segm": "mask"}

@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from oilleak.engine.confusion import MATCH_IOU
-from oilleak.engine.evaluate import IOU_TYPES, EvalResult
-from oilleak.engine.visualize import palette
+from oilleak.evaluate.confusion import MATCH_IOU
+from oilleak.evaluate.coco_eval import IOU_TYPES, EvalResult
+from oilleak.visualize import palette
 
 RECALL = np.linspace(0.0, 1.0, 101)  # COCOeval's recall points
 _TITLES = {"bbox": "boxes", "segm": "masks"}

@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from oilleak.engine.evaluate import ImageResult
+from oilleak.evaluate.coco_eval import ImageResult
 
 MATCH_IOU = 0.5  # the default iou_thr: what `oilleak test` draws and reports
 

@@ -4,7 +4,7 @@ Nothing the user has is overwritten: everything goes into a fresh output folder 
 ``predictions-2/``, ``-3``, ... when it already holds files), and two inputs that would get the same output
 name (``a/img.jpg`` and ``b/img.jpg``, or ``img.jpg`` and ``img.png``) get ``img`` and ``img-2``; the
 summary lists which file each name came from. An image that cannot be read is reported and skipped; the
-run goes on. The files written are described in :mod:`oilleak.engine.prediction_files`.
+run goes on. The files written are described in :mod:`oilleak.predict.files`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
-from oilleak.engine import prediction_files as files
-from oilleak.engine.distributed import resolve_device
-from oilleak.engine.instances import Instance, fill_holes, instances_from_detections, mask_polygons
-from oilleak.engine.progress import progress_bar
-from oilleak.engine.tiling import predict_tiled
+from oilleak.predict import files
+from oilleak.distributed import resolve_device
+from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
+from oilleak.progress import progress_bar
+from oilleak.predict.tiling import predict_tiled
 from oilleak.errors import OilleakError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from oilleak.engine.instances import Instance
+from oilleak.predict.instances import Instance
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in image pixels
 MATCH_THRESHOLD = 0.5

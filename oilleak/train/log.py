@@ -169,7 +169,7 @@ def grouped_losses(losses: dict[str, float]) -> dict[str, float]:
 
 
 def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
-    # on matplotlib's Agg canvas, without pyplot, as engine/plots.py: no global backend switch, nothing to close
+    # on matplotlib's Agg canvas, without pyplot, as evaluate/plots.py: no global backend switch, nothing to close
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from oilleak.engine.instances import Instance
-from oilleak.engine.visualize import draw_instances, paint_mask_crops, save_image
+from oilleak.predict.instances import Instance
+from oilleak.visualize import draw_instances, paint_mask_crops, save_image
 
 LABELME_VERSION = "5.5.0"  # the format of labelme 5 (description field); labelme 4 and 5 read it
 

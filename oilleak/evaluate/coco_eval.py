@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader
 
-from oilleak.engine.progress import progress_bar
+from oilleak.progress import progress_bar
 from oilleak.structures import Detections, ImageMeta
 
 IOU_TYPES = ("bbox", "segm")
@@ -98,7 +98,7 @@ class EvalResult:
     merged: EvalResult | None = None
 
     def table(self):
-        from oilleak.engine.eval_report import result_table  # rich is only needed for printing
+        from oilleak.evaluate.report import result_table  # rich is only needed for printing
 
         return result_table(self)
 
