@@ -204,8 +204,9 @@ def test_(
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
     Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
     from oilleak.config import load_config
-    from oilleak.evaluate.run import run_test
     from oilleak.distributed import resolve_device
+    from oilleak.evaluate.report import result_table
+    from oilleak.evaluate.run import run_test
 
     cfg = load_config(config, set_ or [])
     outcome = run_test(
@@ -213,7 +214,7 @@ def test_(
         device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
         config_name=str(config),
     )
-    console.print(outcome.result.table())
+    console.print(result_table(outcome.result))
     console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)
     for path in outcome.written:
         if path.parent != outcome.report_dir:

@@ -97,11 +97,6 @@ class EvalResult:
     # the same evaluation with each class X merged with X_dry and X_susp (None when no class has variants)
     merged: EvalResult | None = None
 
-    def table(self):
-        from oilleak.evaluate.report import result_table  # rich is only needed for printing
-
-        return result_table(self)
-
 
 def variant_groups(class_names: list[str]) -> dict[str, list[str]]:
     """``{X: [X, X_dry, X_susp]}`` for every class X that has at least one variant among the classes."""

@@ -506,13 +506,14 @@ class Trainer:
         outcome: tuple[dict[str, float] | None, str | None] = (None, None)
         if self.runtime.is_main:
             from oilleak.evaluate.coco_eval import evaluate_model
+            from oilleak.evaluate.report import result_table
 
             try:
                 with self.log.paused():  # the evaluation shows its own progress bar
                     result = evaluate_model(self.module, self.val_set, device=self.runtime.device,
                                             workers=self.config.data.workers, progress=self.console.is_terminal)
                 outcome = (dict(result.metrics), None)
-                self.log.evaluation(epoch=self.epoch + 1, step=self.iteration, metrics=outcome[0], table=result.table())
+                self.log.evaluation(epoch=self.epoch + 1, step=self.iteration, metrics=outcome[0], table=result_table(result))
             except FloatingPointError as exc:  # NaN weights: do not save them
                 failure = self._diverged(f"training stopped after epoch {self.epoch + 1}: evaluating it met NaN ({exc})")
                 outcome = (None, str(failure))
