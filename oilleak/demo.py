@@ -13,7 +13,7 @@ from pathlib import Path
 from oilleak.config import load_config, save_config
 from oilleak.errors import OilleakError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "bsdata"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 MARKER = ".oilleak-demo"
