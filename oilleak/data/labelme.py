@@ -21,7 +21,6 @@ import difflib
 import io
 import json
 import math
-import os
 import random
 import shutil
 from collections import defaultdict
@@ -35,6 +34,7 @@ from pycocotools import mask as mask_utils
 from oilleak import __version__
 from oilleak.data.transforms import EXIF_ORIENTATION, SWAPPING_ORIENTATIONS
 from oilleak.errors import OilleakError
+from oilleak.files import atomic_write
 
 SPLITS = ("train", "val")
 AREA_SHAPE_TYPES = ("polygon", "rectangle", "circle")
@@ -470,7 +470,8 @@ def _write(out: Path, splits: dict[str, list[_Entry]], classes: list[str], overw
             _write_image(entry, out / split / entry.file_name)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        _write_json_atomically(out / "annotations" / f"{split}.json", _coco(splits[split], classes))
+        with atomic_write(out / "annotations" / f"{split}.json", "w", encoding="utf-8") as f:
+            f.write(json.dumps(_coco(splits[split], classes)))
 
 
 def _write_image(entry: _Entry, dest: Path) -> None:
@@ -521,12 +522,6 @@ def _coco(entries: list[_Entry], classes: list[str]) -> dict:
         "annotations": annotations,
         "categories": [{"id": i, "name": name, "supercategory": name} for name, i in category_id.items()],
     }
-
-
-def _write_json_atomically(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _summarise(entries: list[_Entry], classes: list[str]) -> SplitSummary:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,13 +20,14 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
-from oilleak.evaluate.confusion import MATCH_IOU, confusion_matrix
-from oilleak.evaluate.report import write_reports
+from oilleak.errors import OilleakError
 from oilleak.evaluate.coco_eval import EvalResult, ImageResult, coco_evaluate, predict_dataset
+from oilleak.evaluate.confusion import MATCH_IOU, confusion_matrix
 from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
+from oilleak.evaluate.report import write_reports
+from oilleak.files import atomic_write
 from oilleak.progress import progress_bar
 from oilleak.visualize import draw_instances, save_image, side_by_side
-from oilleak.errors import OilleakError
 
 OUT_SUFFIXES = (".json", ".pkl")
 
@@ -113,18 +112,6 @@ def _check_show_dir(paths: dict[int, Path], overwrite: bool) -> None:
         )
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_detections(out: Path, images: list[ImageResult], cat_ids: list[int]) -> None:
     """``.json``: COCO results (bbox, segmentation RLE, score, category_id: the dataset's ids), for
     pycocotools or other tools; to score masks with pycocotools yourself, drop ``bbox`` from the entries
@@ -137,14 +124,16 @@ def write_detections(out: Path, images: list[ImageResult], cat_ids: list[int]) -
             for image in images
             for box, seg in zip(image.coco_results(cat_ids, "bbox"), image.coco_results(cat_ids, "segm"))
         ]
-        _atomic_write(out, lambda f: f.write(json.dumps(entries).encode("utf-8")))
+        with atomic_write(out) as f:
+            f.write(json.dumps(entries).encode("utf-8"))
     else:
         records = [
             {"img_id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width,
              "boxes": r.boxes, "scores": r.scores, "labels": r.labels, "masks": r.masks}
             for r in images
         ]
-        _atomic_write(out, lambda f: pickle.dump(records, f, protocol=4))
+        with atomic_write(out) as f:
+            pickle.dump(records, f, protocol=4)
 
 
 def _ground_truth(coco, image_id: int, cat_ids: list[int], height: int, width: int):

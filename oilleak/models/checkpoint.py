@@ -5,16 +5,14 @@ An oilleak checkpoint is a ``torch.save``d dict that carries everything predict 
     {"format": "oilleak/1", "config": Config.to_dict(), "classes": [...], "state_dict": {...},
      "meta": {"oilleak": version, "torch": version, "created": ISO time}, ...extra (e.g. "train_state")}
 
-It is written atomically (temporary file in the same folder, fsync, rename), so a crash never leaves a
-half-written checkpoint under the final name.
+It is written with :func:`oilleak.files.atomic_write`, so a crash never leaves a half-written checkpoint
+under the final name.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,26 +24,11 @@ from torch import nn
 import oilleak
 from oilleak.config import Config, ConfigError, config_from_dict
 from oilleak.errors import OilleakError
+from oilleak.files import atomic_write
 from oilleak.models.layers import ConvAWS2d
 from oilleak.models.presets import build_model
 
 FORMAT = "oilleak/1"
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra: dict[str, Any] | None = None) -> None:
@@ -62,7 +45,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra
         },
     }
     ckpt.update(extra or {})
-    atomic_torch_save(ckpt, path)
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
 
 
 def read_torch_file(path: str | Path, what: str = "checkpoint", expected: str = "a .pth file") -> Any:

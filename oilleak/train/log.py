@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from oilleak.files import atomic_write
 
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -196,6 +196,5 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
     if epochs:
         ax_map.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png", dpi=90)

@@ -16,11 +16,8 @@ optimiser and AMP scaler states, the RNG states of every rank, the best metric, 
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
+from oilleak.files import link_or_copy
 from oilleak.models.checkpoint import save_checkpoint
 
 # Files a training writes into its work dir; a fresh training refuses a work dir that holds any of them.
@@ -71,18 +69,6 @@ def existing_outputs(work_dir: Path) -> list[str]:
     return names + sorted(p.name for p in work_dir.iterdir() if EPOCH_FILE.fullmatch(p.name))
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Make ``dst`` a copy of ``src`` atomically: a hard link when possible (no second write)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 class CheckpointFiles:
     """Writes and prunes the checkpoints of one work dir (rank 0 only)."""
 
@@ -101,9 +87,9 @@ class CheckpointFiles:
     def save_epoch(self, epoch: int, *, model: nn.Module, config: Config, train_state: dict, is_best: bool) -> Path:
         path = self.work_dir / f"epoch_{epoch}.pth"
         save_checkpoint(path, model=model, config=config, extra={"train_state": train_state})
-        _link_or_copy(path, self.latest)
+        link_or_copy(path, self.latest)
         if is_best:
-            _link_or_copy(path, self.best)
+            link_or_copy(path, self.best)
         self._prune()
         return path
 
