@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from oilleak.config import DataConfig
-from oilleak.data.coco import check_dataset
+from oilleak.data.check import check_dataset
 from oilleak.data.dataset import build_dataloader, build_dataset
 from oilleak.data.labelme import convert_labelme
 

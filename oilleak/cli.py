@@ -137,7 +137,7 @@ def check(
 
     Exit code 0 when the data can be trained on (warnings allowed), 2 when it cannot."""
     from oilleak.config import load_config
-    from oilleak.data.coco import check_dataset
+    from oilleak.data.check import check_dataset
 
     cfg = load_config(config, set_ or [])
     report = check_dataset(cfg.data, config_name=str(config))

@@ -125,7 +125,7 @@ def test_startup_error_is_printed_verbatim(monkeypatch, tmp_path):
 def test_error_from_a_loader_worker_is_shown_without_its_traceback(monkeypatch, tmp_path):
     # an image unreadable when a DataLoader worker loads it: torch re-raises the OilleakError in the main
     # process with the worker's traceback as its text; the command shows only the message
-    import oilleak.data.coco
+    import oilleak.data.check
     from oilleak.errors import OilleakError
 
     def load_in_a_worker(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_error_from_a_loader_worker_is_shown_without_its_traceback(monkeypatch, 
         loader = torch.utils.data.DataLoader(dataset, num_workers=1, collate_fn=unreadable)
         next(iter(loader))
 
-    monkeypatch.setattr(oilleak.data.coco, "check_dataset", load_in_a_worker)
+    monkeypatch.setattr(oilleak.data.check, "check_dataset", load_in_a_worker)
     result = run(str(write_config(tmp_path / "c.yaml", tmp_path, ["oil"])))
     assert result.exit_code == 2, result.output
     assert "error: cannot read image data/val/a.jpg: image file is truncated; replace the file" in result.output

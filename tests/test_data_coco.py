@@ -13,15 +13,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from test_data_layout import data_config, sample_root, write_image, write_json, write_labelme_layout  # noqa: F401
 
-from oilleak.data.coco import (
-    _rle_string_counts,
-    check_dataset,
-    decode_masks,
-    derive_sem_map,
-    load_split,
-    read_sem_map,
-    segmentation_rle,
-)
+from oilleak.data.check import check_dataset
+from oilleak.data.coco import decode_masks, derive_sem_map, load_split, read_sem_map, segmentation_rle
+from oilleak.data.rle import rle_string_runs
 from oilleak.data.dataset import build_dataset
 from oilleak.errors import OilleakError
 
@@ -293,8 +287,8 @@ def test_rle_string_counts_match_the_run_lengths():
         count += 1
     runs.append(count)
     counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
-    assert _rle_string_counts(counts) == runs
-    assert _rle_string_counts("\x7f") is None
+    assert rle_string_runs(counts) == runs
+    assert rle_string_runs("\x7f") is None
 
 
 def test_derive_sem_map_smaller_instance_wins_and_crowd_is_ignored():

@@ -1,9 +1,9 @@
-"""COCO splits: loading through pycocotools, class matching by name, dataset checks, semantic maps.
+"""COCO splits: loading through pycocotools, class matching by name, semantic maps.
 
-:func:`load_split` reads one split and checks it; every problem names the split, the image file and the
-annotation id. Errors make the split unusable; warnings describe a repair (a box clipped, an annotation
-dropped or ignored). :func:`check_dataset` runs it over train and val and returns a :class:`DataReport`,
-which ``oilleak check`` prints and training calls before its first iteration.
+:func:`load_split` reads one split and checks it as it reads; every problem names the split, the image file
+and the annotation id. Errors make the split unusable; warnings describe a repair (a box clipped, an
+annotation dropped or ignored). The dataset check over train and val and its report are
+:mod:`oilleak.data.check`.
 
 Labels: the label of a COCO category is the index of its NAME in ``data.classes``, never its position in
 the json (mmdetection uses the json order, which silently swaps class names when the two orders differ).
@@ -19,7 +19,7 @@ import difflib
 import io
 import json
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from oilleak.config import DataConfig
+from oilleak.data.rle import rle_string_runs
 from oilleak.data.transforms import EXIF_ORIENTATION, SWAPPING_ORIENTATIONS
 from oilleak.errors import OilleakError
 from oilleak.structures import SEM_IGNORE
@@ -260,31 +261,6 @@ def match_classes(classes: list[str], categories: list[dict], ann_counts: Counte
 # annotations
 
 
-def _rle_string_counts(counts: str) -> list[int] | None:
-    """Run lengths of a compressed COCO RLE string (LEB128-like, 5 bits a character, offset 48, each run
-    after the second stored relative to the run two before it); None when the string is malformed."""
-    runs: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(counts):
-                return None
-            c = ord(counts[pos]) - 48
-            if not 0 <= c < 64:
-                return None
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
-
-
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -302,7 +278,7 @@ def segmentation_rle(seg, height: int, width: int) -> tuple[dict | None, str]:
         if list(seg["size"]) != [height, width]:
             return None, f"RLE size {seg['size']} differs from the image's [height, width] [{height}, {width}]"
         counts = seg["counts"]
-        runs = _rle_string_counts(counts) if isinstance(counts, str) else counts
+        runs = rle_string_runs(counts) if isinstance(counts, str) else counts
         if not isinstance(runs, list) or not all(isinstance(r, int) and r >= 0 for r in runs):
             return None, "RLE counts are malformed"
         if sum(runs) != height * width:
@@ -565,77 +541,3 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
     if out.ok:
         out.coco = _index(data)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# the report
-
-
-@dataclass
-class DataReport:
-    """What ``check_dataset`` found: the checked splits with their problems and statistics."""
-
-    splits: dict[str, CocoSplit]
-
-    @property
-    def problems(self) -> list[Problem]:
-        return [p for s in self.splits.values() for p in s.problems]
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def format_stats(self) -> str:
-        lines = []
-        for split in self.splits.values():
-            lines.append(f"{split.name}: {split.ann_file}, images in {split.img_dir}")
-            if split.cat_ids:
-                lines.append(f"  images {len(split.records)}, negatives (no instance) {split.negatives}")
-            elif not Path(split.ann_file).is_file():
-                lines.append("  not loaded: the annotation file does not exist")
-            else:
-                lines.append(f"  images {len(split.records)}; instances not counted: the class names do not match")
-            lines.append(f"  semantic maps: {split.sem_source}")
-            if split.cat_ids:
-                width = max(len("class"), *(len(c) for c in split.classes))
-                lines.append(f"  {'class':<{width}}  {'images':>7}  {'instances':>9}  {'tiny (<32x32)':>13}")
-                for name, stats in split.class_stats().items():
-                    lines.append(f"  {name:<{width}}  {stats.images:>7}  {stats.instances:>9}  {stats.tiny:>13}")
-        return "\n".join(lines)
-
-    def format_problems(self, max_shown: int = 5) -> str:
-        lines = []
-        for severity, problems in (("error", self.errors), ("warning", self.warnings)):
-            groups: dict[str, list[Problem]] = defaultdict(list)
-            for p in problems:
-                groups[p.kind].append(p)
-            for kind, group in groups.items():
-                lines.append(f"{severity}: {kind} ({len(group)}); fix: {FIXES[kind]}")
-                lines += ["  " + p.message.replace("\n", "\n  ") for p in group[:max_shown]]
-                if len(group) > max_shown:
-                    lines.append(f"  ... and {len(group) - max_shown} more")
-        return "\n".join(lines)
-
-    def format(self, max_shown: int = 5) -> str:
-        verdict = "the dataset is usable" if self.ok else f"the dataset is NOT usable: {len(self.errors)} error(s)"
-        parts = [self.format_stats(), self.format_problems(max_shown), f"{verdict}, {len(self.warnings)} warning(s)"]
-        return "\n".join(p for p in parts if p)
-
-    def raise_if_failed(self) -> None:
-        """Training calls this before its first iteration."""
-        if not self.ok:
-            raise OilleakError("dataset check failed:\n" + self.format_problems())
-
-
-def check_dataset(data_cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), decode_images: bool = True,
-                  config_name: str = "your config") -> DataReport:
-    """Check the splits of a dataset (all pixels read by default); see :func:`load_split`."""
-    return DataReport({s: load_split(data_cfg, s, decode_images, config_name) for s in splits})

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oilleak.data.coco import DataReport, ImageRecord
+from oilleak.data.check import DataReport
+from oilleak.data.coco import ImageRecord
 from oilleak.data.transforms import load_image
-from oilleak.visualize import draw_instances, save_image
 from oilleak.errors import OilleakError
+from oilleak.visualize import draw_instances, save_image
 
 
 def _pick(records: list[ImageRecord], count: int) -> list[ImageRecord]:

@@ -37,7 +37,7 @@ from oilleak.models.detector import total_loss
 from oilleak.structures import Batch
 
 if TYPE_CHECKING:
-    from oilleak.data.coco import DataReport
+    from oilleak.data.check import DataReport
 
 BEST_METRIC = "segm_mAP"
 
@@ -207,7 +207,7 @@ class Trainer:
             self.console.print(text, highlight=False, markup=markup, soft_wrap=True)
 
     def _check_data(self) -> DataReport:
-        from oilleak.data.coco import check_dataset
+        from oilleak.data.check import check_dataset
 
         report = check_dataset(self.config.data, config_name=self.options.config_name)
         report.raise_if_failed()
