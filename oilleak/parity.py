@@ -39,7 +39,7 @@ from oilleak.errors import OilleakError
 from oilleak.models.box_ops import box_iou
 from oilleak.models.checkpoint import load_weights, read_torch_file
 from oilleak.models.detector import HybridTaskCascade
-from oilleak.models.presets import model_from_mmdet_config
+from oilleak.models.mmdet_config import model_from_mmdet_config
 from oilleak.models.rfp import RFP
 from oilleak.structures import ImageMeta, Targets
 

@@ -1,6 +1,6 @@
 """Backbone and neck against the real mmdet 3.3.0 (the parity fixtures in ../shared/fixtures/mmdet).
 
-The model is built from each fixture's ``model_config`` (``presets.model_from_mmdet_config``), loads the
+The model is built from each fixture's ``model_config`` (``mmdet_config.model_from_mmdet_config``), loads the
 fixture's state dict strictly, and its backbone and neck must reproduce C2..C5, ASPP(P3..P6) and the fused P2..P6 within 1e-4 relative
 (max abs diff / max abs value).
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from oilleak.models.presets import model_from_mmdet_config
+from oilleak.models.mmdet_config import model_from_mmdet_config
 from oilleak.parity import FIXTURE_THREADS, intra_op_threads
 from oilleak.models.rfp import RFP
 from tests.conftest import FIXTURE_NAMES

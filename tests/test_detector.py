@@ -12,7 +12,8 @@ from oilleak.config import PRESETS as CONFIG_PRESETS
 from oilleak.config import ModelConfig
 from oilleak.errors import OilleakError
 from oilleak.models.detector import total_loss
-from oilleak.models.presets import PRESETS, build_from_spec, build_model, model_from_mmdet_config, preset_spec, spec_from_mmdet
+from oilleak.models.mmdet_config import model_from_mmdet_config, spec_from_mmdet
+from oilleak.models.presets import PRESETS, build_from_spec, build_model, preset_spec
 from oilleak.parity import fixture_meta, fixture_targets
 from oilleak.structures import SEM_IGNORE, Detections, ImageMeta, Targets
 from tests.conftest import FIXTURE_NAMES

@@ -1,6 +1,6 @@
 """The HTC RoI head against mmdet 3.3.0 (the parity fixtures), independent of the backbone: the fixture's
 neck outputs are the features, its RPN test proposals the proposals, its ``roi_head.*`` weights loaded
-strictly, the head built from its ``model_config`` (by ``presets.model_from_mmdet_config``, the project's
+strictly, the head built from its ``model_config`` (by ``mmdet_config.model_from_mmdet_config``, the project's
 one reader of mmdet configs). Loss mode needs the RPN's TRAINING proposals, which the fixture does not
 store: the RPN head (``rpn_head.*`` weights) makes them from the same features."""
 
@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 
 from oilleak.models.detector import HybridTaskCascade
 from oilleak.models.htc import HybridTaskCascadeRoIHead
-from oilleak.models.presets import model_from_mmdet_config
+from oilleak.models.mmdet_config import model_from_mmdet_config
 from oilleak.parity import fixture_meta, fixture_targets
 from tests.conftest import FIXTURE_NAMES
 

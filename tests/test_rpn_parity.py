@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from oilleak.models.box_ops import box_iou
-from oilleak.models.presets import build_rpn_head, spec_from_mmdet
+from oilleak.models.mmdet_config import spec_from_mmdet
+from oilleak.models.presets import build_rpn_head
 from oilleak.parity import fixture_meta, fixture_targets
 from tests.conftest import FIXTURE_NAMES
 
