@@ -1,4 +1,4 @@
-"""The few data structures that cross layers (data -> model -> engine).
+"""The few data structures that cross layers (data -> model -> train / evaluate / predict).
 
 Conventions everywhere in oilleak:
 - boxes are ``x1, y1, x2, y2`` float pixels of the tensor they refer to (no +1);

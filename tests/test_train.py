@@ -1,4 +1,4 @@
-"""Training engine pieces that need no model: schedule, data order, RNG state, checkpoint files, plots."""
+"""Training pieces that need no model: schedule, data order, RNG state, checkpoint files, plots."""
 
 from __future__ import annotations
 
