@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from oilleak.files import atomic_write
+from oilleak.progress import make_progress
 
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -68,17 +69,8 @@ class TrainLog:
 
         # purge_step: after a resume, events beyond the resumed step (from the interrupted run) are dropped.
         self._tb = SummaryWriter(str(self.work_dir / "tb"), purge_step=self.start_step or None)
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=self.console,
-            disable=not self.console.is_terminal,  # logs to a file get the log lines, not bar redraws
-        )
+        # logs to a file get the log lines, not bar redraws
+        self._progress = make_progress(console=self.console, disable=not self.console.is_terminal, status=True)
         self._progress.start()
         self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step, status="")
         return self
