@@ -10,12 +10,11 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from torchvision.ops import box_iou
 
 from oilleak.models.detector import HybridTaskCascade
 from oilleak.models.htc import HybridTaskCascadeRoIHead
 from oilleak.models.mmdet_config import model_from_mmdet_config
-from oilleak.parity import fixture_meta, fixture_targets
+from oilleak.parity import fixture_meta, fixture_targets, match_detections
 from tests.conftest import FIXTURE_NAMES
 
 REL_TOL = 1e-4
@@ -49,23 +48,8 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def _match(ours: dict, ref: dict) -> list[tuple[int, int]]:
-    """One-to-one pairs (ours, ref): same label, box IoU >= 0.999, |score diff| <= 1e-4, best IoU first."""
-    if len(ours["labels"]) == 0 or len(ref["labels"]) == 0:
-        return []
-    iou = box_iou(ref["bboxes"].double(), ours["boxes"].double())
-    ok = (
-        (ref["labels"][:, None] == ours["labels"][None])
-        & (iou >= 0.999)
-        & ((ref["scores"][:, None] - ours["scores"][None]).abs() <= 1e-4)
-    )
-    pairs, taken = [], set()
-    for r in range(len(ref["labels"])):
-        candidates = [int(o) for o in ok[r].nonzero().flatten() if int(o) not in taken]
-        if candidates:
-            best = max(candidates, key=lambda o: float(iou[r, o]))
-            taken.add(best)
-            pairs.append((best, r))
-    return pairs
+    """One-to-one pairs (ours, ref) by ``oilleak parity``'s rule: same label, box IoU >= 0.999, |score diff| <= 1e-4."""
+    return match_detections(ours["boxes"], ours["scores"], ours["labels"], ref["bboxes"], ref["scores"], ref["labels"])
 
 
 def _assert_matched(pairs: list, n_ours: int, n_ref: int, what: str) -> None:
