@@ -255,3 +255,19 @@ def test_rfp_steps_use_separate_backbones_and_the_gate():
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="image"):
         neck(feats)
+
+
+def test_convaws_plain_load_state_dict_of_a_plain_conv_computes_that_conv():
+    # ImageNet weights have no weight_gamma / weight_beta: a plain, strict load_state_dict derives them from
+    # the loaded weight, so the standardised conv computes exactly what the plain conv computed
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    plain.weight.data.mul_(3.0).add_(0.5)  # not already standardised
+    conv = ConvAWS2d(3, 5, 3, padding=1)
+    conv.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(conv(x), plain(x), rtol=1e-4, atol=1e-5)
+    # a state dict that carries the buffers keeps them (an oilleak or mmdet checkpoint)
+    again = ConvAWS2d(3, 5, 3, padding=1)
+    again.load_state_dict(ConvAWS2d(3, 5, 3, padding=1).state_dict() | {"weight": plain.weight.detach()})
+    assert torch.equal(again.weight_gamma, torch.ones(5, 1, 1, 1)) and torch.equal(again.weight_beta, torch.zeros(5, 1, 1, 1))

@@ -268,11 +268,10 @@ def _load_matching(
     assert not result.unexpected_keys, result.unexpected_keys  # every key was checked above
     report.loaded = list(matching)
 
-    for name, module in model.named_modules():
+    for name, module in model.named_modules():  # ConvAWS2d derived these while loading
         if isinstance(module, ConvAWS2d) and f"{name}.weight" in matching:
             buffers = {f"{name}.weight_gamma", f"{name}.weight_beta"}
-            if not buffers & state.keys():
-                module.match_gamma_beta_to_weight()
+            if not buffers & matching.keys():
                 report.derived += sorted(buffers)
     derived = set(report.derived)
     report.missing = [k for k in own if k not in state and k not in derived and k.startswith(scope)]

@@ -40,8 +40,12 @@ class ConvAWS2d(nn.Conv2d):
     """``nn.Conv2d`` that convolves with its standardised weight (see :func:`standardize_weight`).
 
     Buffers ``weight_gamma`` (1 at init) and ``weight_beta`` (0) are saved in the state dict, as in mmdet
-    checkpoints.
+    checkpoints. A state dict that has the ``weight`` but neither buffer (ImageNet weights of a plain conv)
+    gets them derived from that weight on load, by any ``load_state_dict``: see ``_load_from_state_dict``.
     """
+
+    # 2: the state dict holds weight_gamma / weight_beta, and loading a weight without them derives them
+    _version = 2
 
     def __init__(
         self,
@@ -60,6 +64,15 @@ class ConvAWS2d(nn.Conv2d):
         )
         self.register_buffer("weight_gamma", torch.ones(out_channels, 1, 1, 1))
         self.register_buffer("weight_beta", torch.zeros(out_channels, 1, 1, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        buffers = (prefix + "weight_gamma", prefix + "weight_beta")
+        if prefix + "weight" in state_dict and not any(key in state_dict for key in buffers):
+            # a plain conv's weight: start from gamma = std, beta = mean so the standardised conv computes
+            # what that conv computed (as mmcv's ConvAWS2d does); the buffers are then not missing
+            self.match_gamma_beta_to_weight()
+            missing_keys[:] = [key for key in missing_keys if key not in buffers]
 
     def standardized_weight(self) -> Tensor:
         return standardize_weight(self.weight, self.weight_gamma, self.weight_beta)
