@@ -23,8 +23,9 @@ import torch
 
 from oilleak.config import DataConfig
 from oilleak.data.check import check_dataset
-from oilleak.data.dataset import build_dataloader, build_dataset
+from oilleak.data.dataset import build_dataset, collate
 from oilleak.data.labelme import convert_labelme
+from oilleak.train.sample_order import EpochBatches, train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +50,13 @@ def cpu_seconds() -> float:
 def time_epochs(data_cfg: DataConfig, workers: int, batch_size: int, epochs: int) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds, images) of ``epochs`` whole epochs of the training loader."""
     dataset = build_dataset(data_cfg, "train", train=True)
-    loader = build_dataloader(dataset, batch_size=batch_size, workers=workers, shuffle=True, seed=0)
+    batches = EpochBatches(len(dataset), batch_size=batch_size, seed=0)
+    loader = train_loader(dataset, batches, collate=collate, workers=workers, pin_memory=False)
     images = 0
     start, start_cpu = time.perf_counter(), cpu_seconds()
     for epoch in range(epochs):
-        loader.set_epoch(epoch)
+        batches.set_position(epoch)
+        dataset.set_epoch(epoch, 0)
         for batch in loader:
             images += len(batch)
     return time.perf_counter() - start, cpu_seconds() - start_cpu, images

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from test_data_layout import data_config, sample_root, write_image, write_json  # noqa: F401
 
 from oilleak.data.coco import decode_masks, derive_sem_map
-from oilleak.data.dataset import build_dataloader, build_dataset, collate
+from oilleak.data.dataset import build_dataset, collate
 from oilleak.data.transforms import load_image, rescale_size
 from oilleak.errors import OilleakError
 from oilleak.structures import SEM_IGNORE
+from oilleak.train.sample_order import EpochBatches, train_loader
 
 
 def mask_box(mask: torch.Tensor) -> torch.Tensor:
@@ -110,36 +110,31 @@ def test_negatives_kept_or_dropped(tmp_path):
         build_dataset(data_config(tmp_path, ["oil"], keep_negatives=False), "train", train=True)
 
 
+def _loader(dataset, batch_size: int, workers: int, seed: int):
+    """The loader training uses (oilleak.train.sample_order), positioned by ``_epoch``."""
+    batches = EpochBatches(len(dataset), batch_size=batch_size, seed=seed)
+    return dataset, batches, train_loader(dataset, batches, collate=collate, workers=workers, pin_memory=False)
+
+
 def _epoch(loader, epoch):
-    loader.set_epoch(epoch)
-    return [(m.image_id, m.flip, m.img_shape) for batch in loader for m in batch.metas]
+    dataset, batches, data = loader
+    batches.set_position(epoch)
+    dataset.set_epoch(epoch, batches.seed)  # as the training loop does before each epoch
+    return [(m.image_id, m.flip, m.img_shape) for batch in data for m in batch.metas]
 
 
 def test_loader_order_and_augmentation_depend_only_on_seed_and_epoch(sample_root):
     cfg = data_config(sample_root, ["Pitting"], scale=(333, 200), multi_scale=[(333, 200), (400, 240)])
-    a = build_dataloader(build_dataset(cfg, "train", train=True), batch_size=2, workers=0, shuffle=True, seed=3)
-    b = build_dataloader(build_dataset(cfg, "train", train=True), batch_size=2, workers=2, shuffle=True, seed=3)
+    a = _loader(build_dataset(cfg, "train", train=True), batch_size=2, workers=0, seed=3)
+    b = _loader(build_dataset(cfg, "train", train=True), batch_size=2, workers=2, seed=3)
     first = _epoch(a, 0)
-    assert len(first) == 7 and sorted(i for i, _, _ in first) == sorted(a.dataset.image_ids)
+    assert len(first) == 7 and sorted(i for i, _, _ in first) == sorted(a[0].image_ids)
     assert _epoch(b, 0) == first  # workers do not change the order, flips or scales
     assert _epoch(a, 1) == _epoch(b, 1) != first
     assert _epoch(a, 0) == first  # resume: epoch 0 again is epoch 0
     assert {shape for _, _, shape in first + _epoch(a, 1)} == {(136, 333), (163, 400)}  # both scales drawn
-    other_seed = build_dataloader(build_dataset(cfg, "train", train=True), batch_size=2, workers=0, shuffle=True, seed=4)
+    other_seed = _loader(build_dataset(cfg, "train", train=True), batch_size=2, workers=0, seed=4)
     assert _epoch(other_seed, 0) != first
-    unshuffled = build_dataloader(a.dataset, batch_size=3, workers=0, shuffle=False)
-    assert [i for i, _, _ in _epoch(unshuffled, 5)] == a.dataset.image_ids
-
-
-def test_distributed_loader_uses_the_process_group(sample_root):
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
-    try:
-        dataset = build_dataset(data_config(sample_root, ["Pitting"], scale=(333, 200)), "train", train=True)
-        loader = build_dataloader(dataset, batch_size=4, workers=0, shuffle=True, seed=0, distributed=True)
-        assert loader.sampler.num_replicas == 1 and loader.sampler.rank == 0
-        assert len(_epoch(loader, 0)) == 7
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dataset_refuses_an_image_changed_after_the_check(tmp_path, sample_root):

@@ -1,4 +1,5 @@
-"""The torch Dataset of a COCO split, ``collate`` into a :class:`~oilleak.structures.Batch`, data loaders.
+"""The torch Dataset of a COCO split and ``collate`` into a :class:`~oilleak.structures.Batch` (training's
+loader, which orders the samples, is :mod:`oilleak.train.sample_order`).
 
 Random augmentation (flip, multi-scale) of sample ``i`` in epoch ``e`` is drawn from a generator seeded with
 ``(seed, e, i)``, so an epoch yields the same batches whatever the number of workers and after a resume.
@@ -11,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset
 
 from oilleak.config import DataConfig
 from oilleak.data.coco import CocoSplit, ImageRecord, decode_masks, derive_sem_map, load_split, read_sem_map
@@ -122,25 +122,3 @@ def collate(samples: list[Sample]) -> Batch:
     batch_images, sem_segs = pad_batch(images, [s.targets.sem_seg for s in samples])
     targets = [Targets(s.targets.boxes, s.targets.labels, s.targets.masks, sem) for s, sem in zip(samples, sem_segs)]
     return Batch(batch_images, metas, targets)
-
-
-class EpochDataLoader(DataLoader):
-    """A DataLoader whose order and augmentation depend only on (seed, epoch): call ``set_epoch(e)`` before
-    iterating epoch ``e``."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
-
-
-def build_dataloader(dataset: CocoDataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,
-                     distributed: bool = False, pin_memory: bool = False) -> EpochDataLoader:
-    """Batches of ``dataset``. ``distributed=True`` gives each process of the initialised process group its
-    share (``DistributedSampler``, which repeats a few images so every process gets as many)."""
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-    else:  # one replica: the same seeded per-epoch permutation without a process group
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
-    dataset.set_epoch(0, seed)
-    return EpochDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                           collate_fn=collate, pin_memory=pin_memory, drop_last=False)
