@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Mapping
@@ -65,19 +66,46 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra
     atomic_torch_save(ckpt, path)
 
 
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+: 0x80).
+TORCH_FILE_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
 def read_torch_file(path: str | Path, what: str = "checkpoint", expected: str = "a .pth file") -> Any:
     """``torch.load`` of a user-given file onto the CPU, tensors and containers only (weights_only), with
     errors that name the file: ``what`` it should be and the ``expected`` kind of path."""
     path = Path(path)
+    if path.is_dir():
+        raise OilleakError(f"{what} {path} is a directory; pass the path of {expected}")
     if not path.is_file():
         raise OilleakError(f"{what} {path} does not exist; pass the path of {expected}")
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head.startswith(TORCH_FILE_MAGICS):
+        kind = "it is empty" if not head else "it is a text file" if _is_text(head) else "it is no PyTorch file (neither a zip archive nor a pickle)"
+        raise OilleakError(f"{path} is not a {what}: {kind}; pass the path of {expected}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise OilleakError(f"{what} {path} cannot be read ({str(exc).splitlines()[0][:200]}); is the file complete?") from None
+        # never pass on torch's hint to load with weights_only=False: that runs whatever code the file holds
+        raise OilleakError(
+            f"{what} {path} holds Python objects other than tensors and plain containers (or is damaged); oilleak "
+            f"loads only tensors, numbers, strings, lists and dicts, and will not unpickle anything else. Pass {expected}."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - damaged archives fail in many ways
         raise OilleakError(
             f"{what} {path} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
             "is it a complete PyTorch file (not truncated, not a config)?"
         ) from None
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
