@@ -225,6 +225,7 @@ def run_test(
         "split": split,
         "ann_file": str(config.data.root() / config.data.split(split).ann_file),
         "images": len(images),
+        "mask_merge": config.model.mask_merge,  # the model was built from config.model: "last" (mmdet 3.3) or "mean" (2.x)
         "confusion_matrix": {"labels": [*class_names, "background"], "score_thr": thr, "iou_thr": MATCH_IOU,
                              "rows_ground_truth_columns_predicted": matrix.tolist()},
     }
