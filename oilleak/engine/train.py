@@ -280,7 +280,7 @@ class Trainer:
             self.note(load_torchvision_resnet(model, self.cfg.backbone_weights).format())
         if self.cfg.load_from:
             self.note(f"weights from {self.cfg.load_from}")
-            self.note(load_weights(model, self.cfg.load_from).format())
+            self.note(load_weights(model, self.cfg.load_from, classes=self.config.data.classes).format())
         if not (self.cfg.backbone_weights or self.cfg.load_from):
             self.note(NO_PRETRAINED_WARNING, markup=True)
             return False
