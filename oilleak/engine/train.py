@@ -229,6 +229,7 @@ class Trainer:
             seed=self.config.train.seed,
             rank=self.runtime.rank,
             world_size=self.runtime.world_size,
+            portrait=[r.width < r.height for r in self.train_set.records],  # AspectRatioBatchSampler's groups
         )
         self.loader = train_loader(
             self.train_set, self.batches, collate=collate, workers=data.workers,
