@@ -255,3 +255,19 @@ def test_rfp_steps_use_separate_backbones_and_the_gate():
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="image"):
         neck(feats)
+
+
+def test_sac_runs_its_deformable_convolutions_in_the_inputs_dtype():
+    """float64 stays float64 end to end (the float64 parity fixtures need it: a float32 detour cost 6e-6 at C3);
+    under autocast the half / bfloat16 input is lifted to float32, which torchvision's kernels need."""
+    sac = random_sac(8, stride=1).eval()
+    x = torch.randn(1, 8, 12, 14)
+    with torch.no_grad():
+        reference = sac(x)
+        in_float64 = sac.double()(x.double())
+    assert in_float64.dtype == torch.float64
+    torch.testing.assert_close(in_float64.float(), reference, rtol=1e-5, atol=1e-5)
+    sac.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sac(x.bfloat16())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
