@@ -2,7 +2,10 @@
 # Every GPU check and benchmark in one call of a lent GPU machine (its image has PyTorch with CUDA but no
 # package index), as recorded in BENCHMARKS.md. Run from the repository root with, beside it:
 #   .device/whl/*.whl                Python 3.12 wheels the image lacks (pycocotools, pydantic, typer, ...)
-#   .device/detectors_htc_small.pt   ../shared/fixtures/mmdet/detectors_htc_small.pt
+#   .device/*.pt                     parity fixtures from ../shared/fixtures/mmdet/, each checked on CUDA:
+#                                    detectors_htc_small_f64.pt (float64: must match every row end to end;
+#                                    42 MB, so with the 64 MiB carry limit usually the only one) and/or
+#                                    detectors_htc_small.pt (float32: its stage rows)
 #   .peer/                           a copy of ../shared/peers/mmdet (the mmdetection peer; optional)
 # Each step has its own time limit, all of them end by $DEADLINE seconds (default 540), and a failing step
 # does not stop the next. Logs go to $OUT/gpu_logs.tar.gz after every step, and a line per step to
@@ -36,7 +39,10 @@ export PYTHONPATH=/tmp/site:$PWD
 step environment 60 bash -c 'nvidia-smi -L; python3 -c "import sys, torch, torchvision; print(sys.version); print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name())"; python3 -m oilleak --help'
 
 # correctness on CUDA: every stage against mmdetection (TF32 off), then the whole tool through its CLI
-TAIL=8 step parity_cuda 150 python3 -m oilleak parity .device/detectors_htc_small.pt --device cuda
+for fixture in .device/*.pt; do
+    [ -e "$fixture" ] || continue
+    TAIL=8 step "parity_cuda_$(basename "$fixture" .pt)" 150 python3 -m oilleak parity "$fixture" --device cuda
+done
 step demo_cuda 180 python3 -m oilleak demo --device cuda --out /tmp/demo
 step train_amp_cli 90 python3 -m oilleak train /tmp/demo/demo.yaml --device cuda --amp --max-iters 6 --work-dir /tmp/amp_run
 step resume_amp_cli 90 python3 -m oilleak train /tmp/demo/demo.yaml --device cuda --amp --max-iters 10 --work-dir /tmp/amp_run --resume

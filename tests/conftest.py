@@ -21,7 +21,10 @@ SHARED = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared"))
 SAMPLE = REPO / "sample" / "bsdata"
 BSDATA = SHARED / "data" / "bsdata" / "train"
 FIXTURES = SHARED / "fixtures" / "mmdet"
-FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]  # the mmdet parity fixtures, DetectoRS first
+# The mmdet parity fixtures, DetectoRS first. The float32 ones prove each stage on mmdet's own input (their
+# end-to-end outputs depend on the CPU that made them); the float64 ones prove the model end to end anywhere.
+FIXTURE_NAMES = ["detectors_htc_small.pt", "htc_small.pt"]
+F64_FIXTURE_NAMES = ["detectors_htc_small_f64.pt", "htc_small_f64.pt"]
 
 
 def _require(path: Path) -> Path:

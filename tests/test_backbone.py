@@ -271,3 +271,19 @@ def test_convaws_plain_load_state_dict_of_a_plain_conv_computes_that_conv():
     again = ConvAWS2d(3, 5, 3, padding=1)
     again.load_state_dict(ConvAWS2d(3, 5, 3, padding=1).state_dict() | {"weight": plain.weight.detach()})
     assert torch.equal(again.weight_gamma, torch.ones(5, 1, 1, 1)) and torch.equal(again.weight_beta, torch.zeros(5, 1, 1, 1))
+
+
+def test_sac_runs_its_deformable_convolutions_in_the_inputs_dtype():
+    """float64 stays float64 end to end (the float64 parity fixtures need it: a float32 detour cost 6e-6 at C3);
+    under autocast the half / bfloat16 input is lifted to float32, which torchvision's kernels need."""
+    sac = random_sac(8, stride=1).eval()
+    x = torch.randn(1, 8, 12, 14)
+    with torch.no_grad():
+        reference = sac(x)
+        in_float64 = sac.double()(x.double())
+    assert in_float64.dtype == torch.float64
+    torch.testing.assert_close(in_float64.float(), reference, rtol=1e-5, atol=1e-5)
+    sac.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sac(x.bfloat16())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

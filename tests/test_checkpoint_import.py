@@ -206,3 +206,40 @@ def test_report_reasons_cover_the_documented_cases():
     assert LoadReport.reason("neck.rfp_modules.0.layer3.0.rfp_conv.weight")
     assert LoadReport.reason("roi_head.bbox_head.1.fc_reg.weight") is None
     assert LoadReport.reason("backbone.layer2.0.conv2.weight") is None
+
+
+def test_mmdet_checkpoint_in_another_class_order_is_permuted_into_the_configs(fixtures_dir):
+    """mmdetection's label k is the k-th class of its dataset_meta. A checkpoint trained with the same classes in
+    another order loads with its class rows moved by name: the box classifiers (background stays last), the mask
+    logits and the semantic logits (background first), so the model equals the one trained in config order."""
+    from oilleak.models.mmdet_config import model_from_mmdet_config
+
+    fixture = torch.load(fixtures_dir / "htc_small.pt", weights_only=True)
+    truth = fixture["state_dict"]  # taken as trained in the config's order
+    classes = ["oil", "rust", "crack", "dirt", "leak", "stain"]
+    trained = ["leak", "oil", "stain", "crack", "rust", "dirt"]
+    idx = [classes.index(name) for name in trained]  # the checkpoint's label j is the config's class idx[j]
+    permuted = dict(truth)
+    for t in range(3):
+        for part in ("weight", "bias"):
+            cls = f"roi_head.bbox_head.{t}.fc_cls.{part}"
+            permuted[cls] = truth[cls][idx + [6]]  # background row 6 stays last
+            mask = f"roi_head.mask_head.{t}.conv_logits.{part}"
+            permuted[mask] = truth[mask][idx]
+    for part in ("weight", "bias"):
+        sem = f"roi_head.semantic_head.conv_logits.{part}"
+        permuted[sem] = truth[sem][[0] + [i + 1 for i in idx]]  # channel 0 background, class k at k + 1
+    assert not torch.equal(permuted["roi_head.bbox_head.0.fc_cls.weight"], truth["roi_head.bbox_head.0.fc_cls.weight"])
+    checkpoint = {"meta": {"dataset_meta": {"classes": tuple(trained)}}, "state_dict": permuted}
+
+    model = model_from_mmdet_config(fixture["model_config"])
+    report = load_weights(model, checkpoint, classes=classes)
+    assert not (report.skipped or report.missing or report.unexpected)
+    assert "reordered from the checkpoint's order ['leak', 'oil'" in report.format()
+    loaded = model.state_dict()
+    for key, value in truth.items():
+        assert torch.equal(loaded[key], value), key
+    # without the class names nothing can be reordered: loaded as stored, and the report says nothing of it
+    report = load_weights(model, checkpoint)
+    assert "reordered" not in report.format()
+    assert torch.equal(model.state_dict()["roi_head.bbox_head.0.fc_cls.weight"], permuted["roi_head.bbox_head.0.fc_cls.weight"])

@@ -390,3 +390,25 @@ def test_sample_and_bsdata_check_clean(sample_root, bsdata_dir, tmp_path):
     assert record.width > 2000 and sample.image.shape[2] == 1333 and sample.meta.ori_shape == (record.height, record.width)
     assert sample.targets.masks.shape == (len(record.instances), *sample.image.shape[1:])
 
+
+
+def test_supplied_semantic_map_that_disagrees_with_the_instances_is_warned(tmp_path):
+    """A binary 0/255 map passes the value check but would make every stain 'ignore': check names the file
+    and the share of disagreeing pixels; the map the instances give draws no warning."""
+    root = make_split(tmp_path, base_coco())
+    split = load(root)  # no train_mask folder yet: the maps are derived
+    derived = {}
+    for record in split.records:
+        _, labels, masks = record.ground_truth()
+        crowd = decode_masks(record.crowd, record.height, record.width).any(0) if record.crowd else None
+        derived[Path(record.file_name).stem] = derive_sem_map(masks, labels, crowd)
+    for stem, sem in derived.items():
+        _sem_png(root / "train_mask" / f"{stem}.png", sem)
+    assert "semantic map disagrees" not in kinds(load(root))
+
+    binary = np.where(derived["one"] > 0, 255, 0).astype(np.uint8)
+    _sem_png(root / "train_mask" / "one.png", binary)
+    message = only_problem(load(root), "semantic map disagrees", "warning")
+    labelled = int((derived["one"] > 0).sum())
+    assert str(root / "train_mask" / "one.png") in message
+    assert f"on 100.0% of its labelled pixels ({labelled} of {labelled}" in message and "binary 0/255" in message

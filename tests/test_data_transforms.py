@@ -14,6 +14,7 @@ from oilleak.data.coco import image_size
 from oilleak.data.transforms import (
     boxes_to_original,
     load_image,
+    normalize,
     pad_batch,
     prepare_image,
     rescale_size,
@@ -119,10 +120,14 @@ def test_resize_nearest_picks_source_pixel_floor():
 
 
 def test_prepare_image_reproduces_mmdet_fixture_input(bsdata_dir, fixtures_dir):
+    """Sizes, normalisation and padding; the fixture's pixels were resized with PIL's bilinear (its README),
+    oilleak's follow mmdet's OpenCV resize (test_mmdet_pipeline), so the resized pixels are PIL's here."""
     fixture = torch.load(fixtures_dir / "detectors_htc_small.pt", weights_only=True)["inputs"]
-    image = load_image(bsdata_dir / fixture["image_file"])
-    tensor, meta = prepare_image(image, (698, 224), image_id=0, file_name=fixture["image_file"])
-    batch, _ = pad_batch([tensor])
+    with Image.open(bsdata_dir / fixture["image_file"]) as raw:
+        image = np.array(raw.convert("RGB"))
+    _, meta = prepare_image(image, (698, 224), image_id=0, file_name=fixture["image_file"])
+    resized = np.array(Image.fromarray(image).resize((meta.img_shape[1], meta.img_shape[0]), Image.BILINEAR))
+    batch, _ = pad_batch([normalize(resized)])
     ref = fixture["img_meta"]
     assert meta.ori_shape == tuple(ref["ori_shape"]) and meta.img_shape == tuple(ref["img_shape"])
     assert meta.pad_shape == tuple(ref["pad_shape"]) and meta.scale_factor == pytest.approx(ref["scale_factor"])

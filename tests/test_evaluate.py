@@ -175,7 +175,9 @@ def test_perturbed_predictions_match_pycocotools(coco):
 
 def test_mask_areas_come_from_masks_not_boxes():
     """A false positive thin diagonal stain: its box is 'medium' but its mask is 'small'. For mask AP_m it
-    is out of range and ignored; were the box area used (bbox left in segm results) it would count."""
+    is out of range and ignored; were the box area used (bbox left in segm results) it would count.
+    mmdetection 3.3 sizes segm detections by mask area too: its CocoMetric.compute_metrics pops 'bbox' from
+    every segm result before COCO.loadRes (mmdet/evaluation/metrics/coco_metric.py, lines 453-461)."""
     yy, xx = np.mgrid[:H, :W]
     diagonal = (np.abs(xx - yy) <= 1) & (xx < 40)  # ~118 px (< 32^2), box 40 x 40 (> 32^2)
     blob = _ellipse(38, 24, 24, 17)  # ~1280 px: medium

@@ -90,6 +90,7 @@ def test_run_test_writes_reports_pictures_and_detections(data_root, tmp_path, mo
     names = sorted(p.name for p in outcome.report_dir.iterdir())
     assert names == ["confusion_matrix.png", "metrics.json", "per_class.csv", "pr_curves_bbox.png", "pr_curves_segm.png", "report.md"]
     payload = json.loads((outcome.report_dir / "metrics.json").read_text())
+    assert payload["mask_merge"] == config.model.mask_merge == "last"  # mmdetection 3.3's test-time masks by default
     cm = payload["confusion_matrix"]["rows_ground_truth_columns_predicted"]
     n_gt = payload["per_class"]["segm"][0]["num_gt"]
     assert cm == [[n_gt, 0], [0, 0]]  # ground truth as predictions: everything on the diagonal

@@ -88,6 +88,30 @@ def test_epoch_batches_start_mid_epoch():
     assert tail == full[2:] and len(batches) == 2
 
 
+def test_epoch_batches_group_images_by_orientation_as_mmdet():
+    """mmdet's AspectRatioBatchSampler, by hand: walking the epoch order, a bucket per orientation yields when
+    full; the leftovers follow in order. Resuming mid-epoch gives the same batches."""
+    portrait = [i % 3 == 0 for i in range(10)]  # samples 0, 3, 6, 9 are portrait
+    batches = EpochBatches(10, batch_size=3, seed=7, portrait=portrait)
+    order = batches.epoch_order(0)
+    expected, buckets = [], {False: [], True: []}
+    for i in order:
+        buckets[portrait[i]].append(i)
+        if len(buckets[portrait[i]]) == 3:
+            expected.append(buckets[portrait[i]])
+            buckets[portrait[i]] = []
+    left = buckets[True] + buckets[False]  # mmdet: the portrait leftovers first
+    expected += [left[i : i + 3] for i in range(0, len(left), 3)]
+    first = _epoch(batches, 0)
+    assert first == expected and len(first) == batches.steps_per_epoch == 4
+    assert sum(len({portrait[i] for i in b}) == 1 for b in first) == 4  # here even the leftover is pure
+    assert sorted(i for b in first for i in b) == list(range(10))
+    assert _epoch(batches, 0, start=2) == first[2:]
+    assert _epoch(EpochBatches(10, batch_size=3, seed=7, portrait=portrait), 1) == _epoch(batches, 1)
+    mixed = _epoch(EpochBatches(10, batch_size=3, seed=7), 0)
+    assert any(len({portrait[i] for i in b}) == 2 for b in mixed)  # without groups, this order mixes
+
+
 def test_epoch_batches_split_across_ranks():
     ranks = [EpochBatches(7, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
     per_rank = [_epoch(b, 0) for b in ranks]

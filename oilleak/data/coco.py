@@ -62,7 +62,12 @@ FIXES = {
     "class without annotations": "add annotations of the class to this split, or remove the class from data.classes",
     "missing semantic map": "add the PNG, or delete the folder (or set data.<split>.sem_dir: null) to derive the maps",
     "bad semantic map": "semantic PNGs are single-channel, image-sized, 0 = background, class k -> k + 1, 255 = ignore",
+    "semantic map disagrees": "check the PNG: 0 = background, class k -> k + 1, 255 = ignore; or delete the folder "
+    "(or set data.<split>.sem_dir: null) to derive the maps from the instances",
 }
+# A supplied semantic map may legitimately differ from the instances at their borders; beyond this share of
+# its labelled pixels (labelled in either map) the difference is reported.
+SEM_DISAGREE_WARN = 0.05
 
 
 @dataclass(frozen=True)
@@ -398,7 +403,7 @@ def _check_sem_maps(records: list[ImageRecord], sem_dir: Path, num_classes: int,
             continue
         try:
             if decode:
-                read_sem_map(record.sem_path, record.height, record.width, num_classes)
+                _compare_with_instances(record, read_sem_map(record.sem_path, record.height, record.width, num_classes), log)
             else:
                 with Image.open(record.sem_path) as im:
                     if im.size != (record.width, record.height):
@@ -410,6 +415,28 @@ def _check_sem_maps(records: list[ImageRecord], sem_dir: Path, num_classes: int,
             log.error("bad semantic map", str(exc))
         except (OSError, ValueError, SyntaxError) as exc:
             log.error("bad semantic map", f"cannot read {record.sem_path}: {exc}")
+
+
+def _compare_with_instances(record: ImageRecord, sem: np.ndarray, log: _Log) -> None:
+    """Warn when a supplied map disagrees with the one the instances give (a binary 0/255 map passes the
+    value check but makes every stain 'ignore')."""
+    _, labels, masks = record.ground_truth()
+    crowd = decode_masks(record.crowd, record.height, record.width).any(0) if record.crowd else None
+    derived = derive_sem_map(masks, labels, crowd)
+    labelled = (sem != 0) | (derived != 0)
+    disagree = labelled & (sem != derived)
+    share = disagree.sum() / max(int(labelled.sum()), 1)
+    if share <= SEM_DISAGREE_WARN:
+        return
+    values, counts = np.unique(np.stack([sem[disagree], derived[disagree]], 1), axis=0, return_counts=True)
+    given, expected = values[np.argmax(counts)]
+    hint = " (it looks like a binary 0/255 mask: every stain becomes 'ignore')" if set(np.unique(sem)) <= {0, SEM_IGNORE} else ""
+    log.warning(
+        "semantic map disagrees",
+        f"{record.sem_path} disagrees with the instance annotations of {record.file_name} on {100 * share:.1f}% of "
+        f"its labelled pixels ({int(disagree.sum())} of {int(labelled.sum())}; mostly {int(given)} where the "
+        f"instances give {int(expected)}){hint}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------

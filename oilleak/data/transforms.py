@@ -1,10 +1,12 @@
 """Image and ground-truth transforms: resize, flip, normalise, pad, and the inverse mapping of predictions.
 
-Boxes, masks and semantic maps always move together so they stay aligned with the image tensor:
+The pixels are mmdetection's, so an mmdetection checkpoint sees in oilleak what it saw in mmdetection:
+- decode with OpenCV (``cv2.imdecode``, IMREAD_COLOR: 3 channels, turned upright by the EXIF orientation), as
+  mmcv's ``LoadImageFromFile``; PIL's JPEG decoder can differ by a grey level here and there;
 - resize keeps the aspect ratio to fit ``scale = (long, short)``: ``s = min(long / long_edge, short / short_edge)``,
-  new size ``(int(w * s + 0.5), int(h * s + 0.5))`` and ``scale_factor = (new_w / w, new_h / h)``, as mmdetection;
-  the image is resized bilinearly (PIL, which the mmdet parity fixtures used too), masks and semantic maps by
-  nearest neighbour (source pixel ``floor(dst * src / dst_size)``, as cv2's nearest in mmdetection);
+  new size ``(int(w * s + 0.5), int(h * s + 0.5))`` and ``scale_factor = (new_w / w, new_h / h)``, as mmcv's
+  ``imrescale``; the image with OpenCV's bilinear (``INTER_LINEAR``, no antialiasing when shrinking, unlike PIL's),
+  masks and semantic maps by nearest neighbour (source pixel ``floor(dst * src / dst_size)``, as cv2's nearest);
 - horizontal flip: ``x1' = W - x2``, ``x2' = W - x1``;
 - normalise: RGB, ``(x - MEAN) / STD``; padding to a multiple of 32 happens in :func:`pad_batch`, after
   normalisation, so padded image pixels are exactly 0 and padded semantic pixels are ``SEM_IGNORE``.
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torch import Tensor
 
 from oilleak.errors import OilleakError
@@ -31,15 +33,18 @@ SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that turn the image by 90 d
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """The image as stored, turned upright by its EXIF orientation: (H, W, 3) RGB uint8."""
+    """The image as stored, turned upright by its EXIF orientation: (H, W, 3) RGB uint8, decoded as mmcv does."""
     try:
-        with Image.open(path) as raw:
-            upright = ImageOps.exif_transpose(raw)
-            return np.array(upright.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        raise OilleakError(f"cannot read image {path}: {exc.strerror or exc}; check the path and its permissions") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:  # OpenCV gives None for truncated, damaged or unknown files
         raise OilleakError(
-            f"cannot read image {path}: {exc}; replace the file with a readable JPEG/PNG or remove it from the dataset"
-        ) from None
+            f"cannot read image {path}: OpenCV cannot decode it (truncated, damaged or not an image); "
+            "replace the file with a readable JPEG/PNG or remove it from the dataset"
+        )
+    return np.ascontiguousarray(image[..., ::-1])  # BGR -> RGB
 
 
 def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -50,10 +55,10 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an (H, W, 3) uint8 image to ``size = (w, h)``."""
+    """Bilinear resize of an (H, W, 3) uint8 image to ``size = (w, h)``: OpenCV's, as mmcv's ``imresize``."""
     if (image.shape[1], image.shape[0]) == tuple(size):
         return image
-    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:

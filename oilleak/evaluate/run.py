@@ -46,21 +46,20 @@ def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
     preset; an mmdetection checkpoint is loaded tensor by tensor with a report (``load_weights``).
     """
     from oilleak.models.checkpoint import (
-        FORMAT, build_with_weights, config_from_checkpoint, load_weights, read_checkpoint_file,
+        FORMAT, build_with_weights, config_from_checkpoint, load_weights, mmdet_classes, read_checkpoint_file,
     )
     from oilleak.models.presets import build_model
 
     raw = read_checkpoint_file(ckpt)
     if raw.get("format") != FORMAT:
-        meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
-        mmdet_classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")  # mmdet 3.x / 2.x
-        if mmdet_classes is not None and list(mmdet_classes) != list(config.data.classes):
+        trained = mmdet_classes(raw)  # in mmdet's label order; the same names in another order get reordered
+        if trained is not None and sorted(trained) != sorted(config.data.classes):
             raise OilleakError(
-                f"mmdetection checkpoint {ckpt} was trained on the classes {list(mmdet_classes)}, but the config's "
-                f"data.classes are {list(config.data.classes)}; use the same class names in the same order"
+                f"mmdetection checkpoint {ckpt} was trained on the classes {trained} (in this label order), but the "
+                f"config's data.classes are {list(config.data.classes)}; evaluate it with the classes it was trained on"
             )
         model = build_model(config.model, config.num_classes)
-        report = load_weights(model, raw)
+        report = load_weights(model, raw, classes=config.data.classes)
         report.source = str(ckpt)
         if report.skipped or report.missing:  # a part of the model would keep random weights: metrics meaningless
             raise OilleakError(
@@ -214,6 +213,7 @@ def run_test(
         "split": split,
         "ann_file": str(config.data.root() / config.data.split(split).ann_file),
         "images": len(images),
+        "mask_merge": config.model.mask_merge,  # the model was built from config.model: "last" (mmdet 3.3) or "mean" (2.x)
         "confusion_matrix": {"labels": [*class_names, "background"], "score_thr": thr, "iou_thr": MATCH_IOU,
                              "rows_ground_truth_columns_predicted": matrix.tolist()},
     }

@@ -12,8 +12,9 @@ under the final name.
 from __future__ import annotations
 
 import datetime
+import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,19 +50,46 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra
         torch.save(ckpt, f)
 
 
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+: 0x80).
+TORCH_FILE_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
 def read_torch_file(path: str | Path, what: str = "checkpoint", expected: str = "a .pth file") -> Any:
     """``torch.load`` of a user-given file onto the CPU, tensors and containers only (weights_only), with
     errors that name the file: ``what`` it should be and the ``expected`` kind of path."""
     path = Path(path)
+    if path.is_dir():
+        raise OilleakError(f"{what} {path} is a directory; pass the path of {expected}")
     if not path.is_file():
         raise OilleakError(f"{what} {path} does not exist; pass the path of {expected}")
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head.startswith(TORCH_FILE_MAGICS):
+        kind = "it is empty" if not head else "it is a text file" if _is_text(head) else "it is no PyTorch file (neither a zip archive nor a pickle)"
+        raise OilleakError(f"{path} is not a {what}: {kind}; pass the path of {expected}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise OilleakError(f"{what} {path} cannot be read ({str(exc).splitlines()[0][:200]}); is the file complete?") from None
+        # never pass on torch's hint to load with weights_only=False: that runs whatever code the file holds
+        raise OilleakError(
+            f"{what} {path} holds Python objects other than tensors and plain containers (or is damaged); oilleak "
+            f"loads only tensors, numbers, strings, lists and dicts, and will not unpickle anything else. Pass {expected}."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - damaged archives fail in many ways
         raise OilleakError(
             f"{what} {path} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
             "is it a complete PyTorch file (not truncated, not a config)?"
         ) from None
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -154,6 +182,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     derived: list[str] = field(default_factory=list)
+    reordered: str = ""  # how class rows were permuted into the model's class order, when they were
 
     @staticmethod
     def reason(key: str) -> str | None:
@@ -171,6 +200,8 @@ class LoadReport:
             f"differs), {len(self.missing)} missing (kept initialised), {len(self.unexpected)} unexpected (ignored)"
             + (f", gamma/beta of {len(self.derived) // 2} ConvAWS convs derived from their weights" if self.derived else "")
         ]
+        if self.reordered:
+            lines.append(self.reordered)
         shapes = {k: f"checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.skipped}
         groups = {"skipped": list(shapes), "missing": self.missing, "unexpected": self.unexpected}
         for name, keys in groups.items():
@@ -189,18 +220,62 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], classes: Sequence[str] | None = None) -> LoadReport:
     """Load every tensor of an oilleak checkpoint, an mmdet checkpoint or a bare state dict whose key and shape
     match ``model``; return what happened (nothing is loaded under another name or shape).
 
     ``source``: a file path or an already loaded dict. ``module.`` prefixes (DataParallel) are stripped.
     Class-dependent layers of another class count are skipped and keep their initial values, as are keys the
     file lacks (e.g. HTC's mask and semantic heads when loading a DetectoRS Cascade R-CNN checkpoint).
+    ``classes``: the model's class names in its label order. An mmdetection checkpoint's label k is the k-th
+    of its ``meta.dataset_meta.classes``; when those are the same names in another order, the class rows and
+    channels are permuted into ``classes``' order (and the report says so), never loaded swapped.
     """
     name = str(source) if isinstance(source, (str, Path)) else "<state dict>"
     obj = read_checkpoint_file(source) if isinstance(source, (str, Path)) else source
     state = _state_dict_of(obj, name)
-    return _load_matching(model, state, name)
+    trained = mmdet_classes(obj)
+    note = ""
+    if classes is not None and trained is not None and trained != list(classes) and sorted(trained) == sorted(classes):
+        state = reorder_classes(state, trained, list(classes))
+        note = f"class rows and channels reordered from the checkpoint's order {trained} to {list(classes)}"
+    report = _load_matching(model, state, name)
+    report.reordered = note
+    return report
+
+
+def mmdet_classes(checkpoint: Mapping[str, Any]) -> list[str] | None:
+    """The class names of an mmdetection checkpoint in its label order (mmdet 3.x ``meta.dataset_meta.classes``,
+    2.x ``meta.CLASSES``), or None when it does not say."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else {}
+    classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")
+    return [str(c) for c in classes] if classes is not None else None
+
+
+def reorder_classes(state: dict[str, torch.Tensor], trained: list[str], wanted: list[str]) -> dict[str, torch.Tensor]:
+    """``state`` with every class-dependent row / channel moved from the order ``trained`` to ``wanted`` (the
+    same names): the box classifiers (K + 1 rows, background last, stays last), class-specific box regressors
+    (4 rows per class), the mask logits (K channels) and the semantic logits (K + 1 channels, background
+    first: label k is channel k + 1). Layers of another size are left alone."""
+    k = len(wanted)
+    order = [trained.index(name) for name in wanted]  # new row i <- old row order[i]
+    rows = {
+        k + 1: order + [k],
+        4 * k: [4 * c + j for c in order for j in range(4)],
+        k: order,
+    }
+    semantic = [0] + [c + 1 for c in order]
+    out = dict(state)
+    for key, value in state.items():
+        if re.search(r"semantic_head\.conv_logits\.(weight|bias)$", key) and value.shape[0] == k + 1:
+            out[key] = value[semantic]
+        elif re.search(r"bbox_head\.\d+\.fc_cls\.(weight|bias)$", key) and value.shape[0] == k + 1:
+            out[key] = value[rows[k + 1]]
+        elif re.search(r"bbox_head\.\d+\.fc_reg\.(weight|bias)$", key) and value.shape[0] == 4 * k and k > 1:
+            out[key] = value[rows[4 * k]]
+        elif re.search(r"mask_head\.\d+\.conv_logits\.(weight|bias)$", key) and value.shape[0] == k:
+            out[key] = value[rows[k]]
+    return out
 
 
 def load_torchvision_resnet(model: nn.Module, path: str | Path) -> LoadReport:

@@ -93,8 +93,8 @@ class HybridTaskCascadeRoIHead(nn.Module):
     Attribute names (``bbox_head.{t}``, ``mask_head.{t}``, ``semantic_head``) match mmdet's state dict.
 
     Test settings: ``score_thr`` (strict ``>``), class-wise NMS at ``nms_iou``, at most ``max_per_img``
-    detections, masks binarised at ``mask_thr``; ``mask_merge`` 'mean' averages the three stages' mask
-    probabilities (HTC paper, mmdet 2.x, the published numbers), 'last' uses the last stage only (mmdet 3.3).
+    detections, masks binarised at ``mask_thr``; ``mask_merge`` 'last' uses the last stage only (mmdet 3.3, the
+    default), 'mean' averages the three stages' mask probabilities (HTC paper, mmdet 2.x, the published numbers).
     """
 
     def __init__(
@@ -115,7 +115,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
         nms_iou: float = 0.5,
         max_per_img: int = 100,
         mask_thr: float = 0.5,
-        mask_merge: Literal["mean", "last"] = "mean",
+        mask_merge: Literal["mean", "last"] = "last",
     ) -> None:
         super().__init__()
         per_stage = {len(bbox_heads), len(mask_heads), len(assigners), len(samplers), len(stage_loss_weights)}

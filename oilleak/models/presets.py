@@ -115,7 +115,7 @@ class InferenceSpec:
     nms_iou: float = 0.5
     max_per_img: int = 100
     mask_thr: float = 0.5
-    mask_merge: Literal["mean", "last"] = "mean"
+    mask_merge: Literal["mean", "last"] = "last"  # mmdet 3.3's
 
 
 @dataclass(frozen=True)

@@ -67,16 +67,17 @@ class AnchorGenerator:
         hs = (stride * h_ratios[:, None] * scales[None, :]).reshape(-1)
         return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=-1)
 
-    def grid_anchors(self, sizes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
-        """Per level (H * W * A, 4) anchors, rows y outer, x inner, anchor fastest."""
+    def grid_anchors(self, sizes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """Per level (H * W * A, 4) anchors in ``dtype`` (the features'), rows y outer, x inner, anchor fastest.
+        The base anchors are computed in float32 and then cast, as mmdet does."""
         anchors = []
         for (height, width), stride in zip(sizes, self.strides):
-            shift_x = torch.arange(width, device=device).float() * stride
-            shift_y = torch.arange(height, device=device).float() * stride
+            shift_x = torch.arange(width, device=device).to(dtype) * stride
+            shift_y = torch.arange(height, device=device).to(dtype) * stride
             xx = shift_x.repeat(height)
             yy = shift_y[:, None].repeat(1, width).reshape(-1)
             shifts = torch.stack([xx, yy, xx, yy], dim=-1)
-            anchors.append((self.base_anchors(stride).to(device)[None] + shifts[:, None]).reshape(-1, 4))
+            anchors.append((self.base_anchors(stride).to(device, dtype)[None] + shifts[:, None]).reshape(-1, 4))
         return anchors
 
     def valid_flags(self, sizes: list[tuple[int, int]], pad_shape: tuple[int, int], device: torch.device) -> list[Tensor]:
@@ -147,7 +148,7 @@ class RPNHead(nn.Module):
         """
         settings = self.train_proposals if training else self.test_proposals
         sizes = [tuple(x.shape[-2:]) for x in cls_per_level]
-        anchors_per_level = self.anchor_generator.grid_anchors(sizes, cls_per_level[0].device)
+        anchors_per_level = self.anchor_generator.grid_anchors(sizes, cls_per_level[0].device, cls_per_level[0].dtype)
         return [
             self._proposals_in_image(
                 [c[i].detach() for c in cls_per_level], [r[i].detach() for r in reg_per_level], anchors_per_level, meta, settings
@@ -186,7 +187,7 @@ class RPNHead(nn.Module):
         the number of sampled anchors in the batch (mmdet's avg_factor, not the number of positives)."""
         sizes = [tuple(x.shape[-2:]) for x in cls_per_level]
         device = cls_per_level[0].device
-        anchors = torch.cat(self.anchor_generator.grid_anchors(sizes, device))
+        anchors = torch.cat(self.anchor_generator.grid_anchors(sizes, device))  # float32 whatever the model's dtype, as mmdet's
         logits = _flatten_levels(cls_per_level, 1).squeeze(-1)  # (N, T)
         deltas = _flatten_levels(reg_per_level, 4)  # (N, T, 4)
 
@@ -194,6 +195,7 @@ class RPNHead(nn.Module):
         for i, (meta, target) in enumerate(zip(metas, targets)):
             sampled, objectness, pos, pos_deltas = self._anchor_targets(anchors, sizes, meta, target)
             num_sampled += sampled.numel()
+            objectness, pos_deltas = objectness.to(logits.dtype), pos_deltas.to(deltas.dtype)
             cls_losses.append(F.binary_cross_entropy_with_logits(logits[i, sampled], objectness, reduction="sum"))
             bbox_losses.append(F.smooth_l1_loss(deltas[i, pos], pos_deltas, beta=self.bbox_loss_beta, reduction="sum"))
         avg_factor = num_sampled + LOSS_EPS

@@ -73,15 +73,17 @@ class SAConv2d(ConvAWS2d):
                 "NaN reached the offsets of a switchable atrous convolution: the weights or the input hold NaN "
                 "(did training diverge? lower the learning rate or enable gradient clipping)"
             )
-        # Deformable convolution runs in float32 under autocast too (torchvision's CPU kernel has no
-        # half/bfloat16 version, and its CUDA autocast wrapper casts to float32 as well); a no-op in float32.
-        x, offset_s, offset_l = x.float(), offset_s.float(), offset_l.float()
-        weight = self.standardized_weight().float()
+        # Deformable convolution runs in the input's dtype, but at least float32: under autocast half and
+        # bfloat16 become float32 (torchvision's CPU kernel has no such version, and its CUDA autocast wrapper
+        # casts to float32 too); float64 stays float64.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x, offset_s, offset_l = x.to(dtype), offset_s.to(dtype), offset_l.to(dtype)
+        weight = self.standardized_weight().to(dtype)
         small = deform_conv2d(x, offset_s, weight, stride=self.stride, padding=self.padding, dilation=self.dilation)
         large = deform_conv2d(
             x,
             offset_l,
-            weight + self.weight_diff.float(),  # the difference is added after standardisation, unstandardised
+            weight + self.weight_diff.to(dtype),  # the difference is added after standardisation, unstandardised
             stride=self.stride,
             padding=tuple(3 * p for p in self.padding),
             dilation=tuple(3 * d for d in self.dilation),

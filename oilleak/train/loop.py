@@ -229,6 +229,7 @@ class Trainer:
             seed=self.config.train.seed,
             rank=self.runtime.rank,
             world_size=self.runtime.world_size,
+            portrait=[r.width < r.height for r in self.train_set.records],  # AspectRatioBatchSampler's groups
         )
         self.loader = train_loader(
             self.train_set, self.batches, collate=collate, workers=data.workers,
@@ -280,7 +281,7 @@ class Trainer:
             self.note(load_torchvision_resnet(model, self.cfg.backbone_weights).format())
         if self.cfg.load_from:
             self.note(f"weights from {self.cfg.load_from}")
-            self.note(load_weights(model, self.cfg.load_from).format())
+            self.note(load_weights(model, self.cfg.load_from, classes=self.config.data.classes).format())
         if not (self.cfg.backbone_weights or self.cfg.load_from):
             self.note(NO_PRETRAINED_WARNING, markup=True)
             return False
