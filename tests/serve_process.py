@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SCALE = "data.scale=[320,192]"
+CLASSES = ["sly_bjbmyw", "sly_dmyw"]
 
 
 def free_port() -> int:
@@ -65,3 +67,11 @@ class ServerProcess:
                 self.process.wait()
         self._log_file.close()
         return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def serve_ckpt(tmp_path_factory) -> Path:
+    """The tiny checkpoint both server test modules serve (made once per test process)."""
+    from test_predict_model import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt") / "tiny.pth", CLASSES)

@@ -22,18 +22,16 @@ import torch
 from PIL import Image
 
 from oilleak.engine.predict import run_predict
-from serve_process import SMALL_SCALE, ServerProcess
-from test_predict_model import tiny_checkpoint
+from serve_process import CLASSES, SMALL_SCALE, ServerProcess, serve_ckpt  # noqa: F401 (a fixture)
 
 KEY = "s3cret-key"
-CLASSES = ["sly_bjbmyw", "sly_dmyw"]
 FAST = {"score_thr": 0.99}  # no instance of the untrained model: the request costs the model pass only
 LIMITS = ["--queue", "4", "--workers", "1", "--max-upload-mb", "1", "--max-pixels", "4000000"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", CLASSES)
+def ckpt(serve_ckpt):
+    return serve_ckpt
 
 
 @pytest.fixture(scope="module")
