@@ -89,6 +89,9 @@ class Gate:
                 await refusal(scope, receive, send_logged)
             else:
                 await self.app(scope, self.limited(scope, receive), send_logged)
+        except Exception:
+            status["code"] = status["code"] or 500  # the error middleware outside answers it, with 500
+            raise
         finally:
             self.state.requests_served += 1
             client = scope.get("client") or ("", 0)
