@@ -271,6 +271,38 @@ def parity(
 
 @app.command()
 @friendly_errors
+def serve(
+    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model)")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="inference threads")] = 1,
+    queue: Annotated[int, typer.Option(min=1, help="images that may wait for a worker; beyond: 503 with Retry-After")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="run up to this many waiting images as one batch (GPU)")] = 1,
+    batch_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a worker waits to fill a batch")] = 10.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="largest image file accepted (413 above)")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="largest width x height accepted, checked before decoding (413 above)")] = 50_000_000,
+    set_: SetOption = None,
+) -> None:
+    """Serve the model over HTTP: POST /predict, /predict/batch, GET /health, /classes, /docs, and a page at /.
+
+    Set OILLEAK_API_KEY to require that key in the X-API-Key header of /predict and /classes calls.
+    SIGTERM answers the requests in flight, refuses new ones, then exits."""
+    import os
+
+    from oilleak.distributed import resolve_device
+    from oilleak.serve.server import run_server
+    from oilleak.serve.settings import ServeSettings
+
+    settings = ServeSettings(workers=workers, queue=queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                             max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                             api_key=os.environ.get("OILLEAK_API_KEY") or None)
+    run_server(ckpt, host=host, port=port, device=resolve_device(device), settings=settings, overrides=set_,
+               on_ready=lambda line: console.print(line, markup=False, highlight=False))
+
+
+@app.command()
+@friendly_errors
 def demo(
     out: Annotated[Path, typer.Option(help="output folder (an earlier demo's output there is replaced)")] = Path("demo_output"),
     sample: Annotated[Optional[Path], typer.Option(help="labelme folder to use instead of the bundled sample/bsdata")] = None,

@@ -164,6 +164,7 @@ def test_predict_images_writes_overlays_json_summary_and_skips_unreadable(tmp_pa
     assert by_class["dark"]["area_px"] == int(dark.sum()) and by_class["red"]["area_px"] == int(red.sum())
     assert by_class["red"]["area_share"] == pytest.approx(red.sum() / (90 * 120))
     assert record["leak_area_px"] == int((dark | red).sum())
+    assert record["leak_area_share_per_class"] == pytest.approx({"dark": dark.sum() / (90 * 120), "red": red.sum() / (90 * 120)})
     assert iou(rasterise(by_class["dark"]["polygons"], 90, 120), dark) >= 0.99
     x1, y1, x2, y2 = by_class["red"]["box"]
     assert (x1, y1, x2, y2) == (85, 57, 106, 74)

@@ -2,10 +2,11 @@
 
 - ``overlays/NAME.jpg``: the image with masks, outlines, boxes, class names and scores;
 - ``instances/NAME.json``: ``{"source", "width", "height", "classes", "score_thr", "leak_area_px",
-  "leak_area_share", "instances": [{"class", "label", "score", "box": [x1, y1, x2, y2], "polygons":
+  "leak_area_share", "leak_area_share_per_class": {class: share}, "instances": [{"class", "label", "score", "box": [x1, y1, x2, y2], "polygons":
   [[[x, y], ...], ...], "area_px", "area_share"}]}``: polygons are the outlines of the mask (one per separate
   part), holes inside a mask are filled (polygons cannot describe them; see ``instances.fill_holes``),
-  ``area_px`` counts the mask's pixels, the leak area is the union of all masks;
+  ``area_px`` counts the mask's pixels, the leak area is the union of all masks (per class: of that class's masks);
+  ``oilleak serve`` answers with the same record (:func:`instances_record`);
 - with ``--save-labelme``: ``labelme/NAME.json`` beside a byte-for-byte copy of the image, one polygon shape
   per outline, the instance's parts sharing a ``group_id`` and its score in ``description``. The folder is a
   labelme project: correct it in labelme, then ``oilleak convert OUT/labelme ...`` turns it into training data;
@@ -44,14 +45,18 @@ def union_area(instances: list[Instance]) -> int:
     return int(canvas.sum())
 
 
-def write_overlay(path: Path, image: np.ndarray, instances: list[Instance], class_names: list[str]) -> None:
+def overlay_image(image: np.ndarray, instances: list[Instance], class_names: list[str]) -> np.ndarray:
+    """The image with the instances' masks, outlines, boxes, class names and scores drawn on it."""
     painted = paint_mask_crops(image, [i.mask for i in instances], [i.origin for i in instances],
                                [i.label for i in instances], len(class_names))
     boxes = np.array([i.box for i in instances], np.float32).reshape(-1, 4)
-    drawn = draw_instances(painted, boxes, [i.label for i in instances], class_names,
-                           scores=[i.score for i in instances])
+    return draw_instances(painted, boxes, [i.label for i in instances], class_names,
+                          scores=[i.score for i in instances])
+
+
+def write_overlay(path: Path, image: np.ndarray, instances: list[Instance], class_names: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(drawn, path)
+    save_image(overlay_image(image, instances, class_names), path)
 
 
 def instances_record(source: str, height: int, width: int, instances: list[Instance], polygons: list,
@@ -66,6 +71,9 @@ def instances_record(source: str, height: int, width: int, instances: list[Insta
         "score_thr": score_thr,
         "leak_area_px": leak,
         "leak_area_share": leak / pixels,
+        "leak_area_share_per_class": {
+            name: union_area([i for i in instances if i.label == k]) / pixels for k, name in enumerate(class_names)
+        },
         "instances": [
             {
                 "class": class_names[inst.label],

@@ -1,0 +1,264 @@
+"""The HTTP API and the page, over one loaded model and its inference pool.
+
+Every answer that is not a success is JSON ``{"error": code, "message": what to do}``, never a traceback;
+an exception in one request is logged and answered with 500, and the server goes on. The :class:`Gate`
+in front of the app refuses work before the body is read when it cannot be done (API key, shutting down,
+queue full, body too large) and writes one JSON access-log line per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Optional
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from oilleak.predict.instances import Instance, fill_holes, mask_polygons
+from oilleak.predict.files import instances_record, overlay_image
+from oilleak.visualize import palette
+from oilleak.serve.model import ServedModel
+from oilleak.serve.pool import InferencePool, QueueFull
+from oilleak.serve.settings import ServeSettings
+from oilleak.serve.uploads import UploadError, decode_image
+
+STATIC = Path(__file__).parent / "static"
+access_log = logging.getLogger("oilleak.serve.access")
+error_log = logging.getLogger("oilleak.serve")
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error",
+               503: "unavailable"}
+RETRY_AFTER_S = "1"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and headers around the files of a request
+KEYED_PATHS = ("/predict", "/classes")
+
+# The query parameters of both /predict endpoints (module level: FastAPI resolves the annotations by name)
+ScoreThr = Annotated[Optional[float], Query(ge=0.0, le=1.0, description="keep instances scoring at least this (default: the checkpoint's predict.score_thr)")]
+Tile = Annotated[Optional[int], Query(ge=64, le=8192, description="predict in TILE x TILE tiles (20% overlap) and merge: very large photos")]
+Overlay = Annotated[bool, Query(description="add overlay_png: the photo with the leaks drawn, PNG in base64")]
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": ERROR_CODES.get(status, "error"), "message": message}, status, headers=headers)
+
+
+def busy(message: str) -> JSONResponse:
+    return error(503, message, {"Retry-After": RETRY_AFTER_S})
+
+
+class Gate:
+    """ASGI middleware: API key, admission and body size before the app reads anything; the access log."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:12]
+        status = {"code": 0}
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_logged)
+            else:
+                await self.app(scope, self.limited(scope, receive), send_logged)
+        except Exception:
+            status["code"] = status["code"] or 500  # the error middleware outside answers it, with 500
+            raise
+        finally:
+            self.state.requests_served += 1
+            client = scope.get("client") or ("", 0)
+            access_log.info(json.dumps({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "request_id": request_id,
+                "client": client[0], "method": scope["method"], "path": scope["path"], "status": status["code"],
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            }))
+
+    def refusal(self, scope) -> JSONResponse | None:
+        path, settings = scope["path"], self.state.settings
+        if settings.api_key and path.startswith(KEYED_PATHS):
+            given = dict(scope["headers"]).get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, settings.api_key.encode()):
+                return error(401, "this server needs an API key: send it in the X-API-Key header")
+        if scope["method"] == "POST" and path.startswith("/predict"):
+            if self.state.draining:
+                return busy("the server is shutting down; send the request to another instance or retry shortly")
+            if self.state.pool.full():
+                return busy(f"the inference queue is full ({self.state.pool.queue_size} images wait); retry shortly")
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.body_limit(path):
+                return error(413, self.too_large(path))
+        return None
+
+    def body_limit(self, path: str) -> int:
+        images = self.state.settings.max_images if path.startswith("/predict/batch") else 1
+        return images * self.state.settings.max_upload_bytes + MULTIPART_OVERHEAD
+
+    def too_large(self, path: str) -> str:
+        settings = self.state.settings
+        per = f"{settings.max_upload_mb:g} MiB per image"
+        return f"the request is too large: {per}" + (f", {settings.max_images} images per request" if "batch" in path else "")
+
+    def limited(self, scope, receive):
+        """``receive`` that stops a body (chunked ones too) at the limit instead of storing all of it."""
+        if scope["method"] != "POST":
+            return receive
+        limit, seen = self.body_limit(scope["path"]), 0
+
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, self.too_large(scope["path"]))
+            return message
+
+        return receive_limited
+
+
+class ServerState:
+    def __init__(self, model: ServedModel, settings: ServeSettings):
+        self.model = model
+        self.settings = settings
+        self.started = time.monotonic()
+        self.requests_served = 0
+        self.draining = False
+        self.pool = InferencePool(model, workers=settings.workers, queue=settings.queue,
+                                  max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000)
+
+
+def answer(model: ServedModel, name: str, image: np.ndarray, instances: list[Instance], score_thr: float,
+           overlay: bool) -> dict[str, Any]:
+    """The JSON of one image: the model, then the record `oilleak predict` writes to instances/NAME.json."""
+    kept = [fill_holes(inst) for inst in instances if inst.score >= score_thr]
+    height, width = image.shape[:2]
+    record = instances_record(name, height, width, kept, [mask_polygons(i) for i in kept], model.classes, score_thr)
+    payload = {"model": model.info, **record}
+    if overlay:
+        buffer = io.BytesIO()
+        Image.fromarray(overlay_image(image, kept, model.classes)).save(buffer, "PNG")
+        payload["overlay_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return payload
+
+
+def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
+    state = ServerState(model, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(state.pool.close)  # uvicorn has answered the requests in flight by now
+
+    app = FastAPI(title="oilleak", summary="Find and outline oil leaks in substation photos",
+                  version="0.1.0", lifespan=lifespan)
+    app.state.oilleak = state
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return error(422, f"{problems} (see /docs)")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        error_log.exception("request %s %s failed", request.method, request.url.path)
+        return error(500, f"the server failed on this request ({type(exc).__name__}); it is logged, the server goes on")
+
+    def threshold(score_thr: float | None) -> float:
+        return model.config.predict.score_thr if score_thr is None else score_thr
+
+    async def decoded(upload: UploadFile) -> tuple[str, np.ndarray]:
+        name = PurePath(upload.filename or "upload").name
+        data = await upload.read()
+        image = await run_in_threadpool(decode_image, data, name, settings.max_upload_bytes, settings.max_pixels)
+        return name, image
+
+    async def predicted(images: list[np.ndarray], tile: int | None) -> list[list[Instance]]:
+        try:
+            futures = state.pool.submit(images, tile)
+        except QueueFull as exc:
+            raise HTTPException(503, f"busy: {exc}; retry shortly", headers={"Retry-After": RETRY_AFTER_S}) from None
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    @app.post("/predict", summary="Leaks in one photo (multipart field `image`)")
+    async def predict(image: Annotated[UploadFile, File(description="JPEG, PNG, BMP, TIFF or WebP")],
+                      score_thr: ScoreThr = None, tile: Tile = None, overlay: Overlay = False) -> dict:
+        try:
+            name, pixels = await decoded(image)
+        except UploadError as exc:
+            return error(exc.status, exc.message)
+        (instances,) = await predicted([pixels], tile)
+        return await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
+
+    @app.post("/predict/batch", summary="Leaks in several photos (multipart fields `images`)")
+    async def predict_batch(images: Annotated[list[UploadFile], File(description="the photos")],
+                            score_thr: ScoreThr = None, tile: Tile = None, overlay: Overlay = False) -> dict:
+        if len(images) > settings.max_images:
+            return error(413, f"{len(images)} images: at most {settings.max_images} per request; split them")
+        results: list[dict | None] = [None] * len(images)
+        good: list[tuple[int, str, np.ndarray]] = []
+        for k, upload in enumerate(images):
+            try:
+                good.append((k, *await decoded(upload)))
+            except UploadError as exc:  # one bad photo does not spoil the others
+                results[k] = {"source": PurePath(upload.filename or "upload").name, "error": ERROR_CODES[exc.status],
+                              "status": exc.status, "message": exc.message}
+        found = await predicted([pixels for _, _, pixels in good], tile) if good else []
+        for (k, name, pixels), instances in zip(good, found):
+            results[k] = await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
+        return {"model": model.info, "results": results}
+
+    @app.get("/health", summary="Ready or not, the model, the queue")
+    async def health() -> JSONResponse:
+        pool = state.pool
+        body = {"ready": not state.draining, "status": "draining" if state.draining else "ready",
+                "model": model.info, "classes": model.classes, "device": str(model.device),
+                "uptime_s": round(time.monotonic() - state.started, 1), "requests_served": state.requests_served,
+                "images_predicted": pool.images,
+                "pool": {"workers": settings.workers, "queue": settings.queue, "waiting": pool.waiting,
+                         "running": pool.running, "max_batch": settings.max_batch, "batches": pool.batches},
+                "api_key_required": settings.api_key is not None}
+        return JSONResponse(body, 503 if state.draining else 200)
+
+    @app.get("/classes", summary="The classes and the colours the overlays draw them in")
+    async def classes() -> dict:
+        colours = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in palette(len(model.classes))]
+        return {"classes": model.classes, "colours": colours}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(Gate, state=state)
+    return app

@@ -1,0 +1,119 @@
+"""The bounded inference pool: worker threads take images from a short queue and run them through the model,
+several at a time when batching is on.
+
+Admission is decided when a request arrives: when ``queue`` images already wait, :meth:`InferencePool.submit`
+raises :class:`QueueFull` (the app answers 503 with Retry-After) instead of letting work pile up. A worker
+that takes an image waits up to ``batch_wait_s`` for more (up to ``max_batch``) and runs them as one padded
+batch: on a GPU one batch of N costs far less than N single passes. Tiled images run alone, tile by tile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from oilleak.predict.instances import Instance
+from oilleak.predict.tiling import predict_tiled
+
+BatchPredict = Callable[[list[np.ndarray]], list[list[Instance]]]
+
+
+class QueueFull(Exception):
+    """Every queue place is taken; the request should come back later."""
+
+
+@dataclass
+class _Job:
+    image: np.ndarray
+    tile: int | None
+    future: Future
+
+
+class InferencePool:
+    def __init__(self, predict: BatchPredict, *, workers: int, queue: int, max_batch: int, batch_wait_s: float):
+        self.predict = predict
+        self.queue_size = queue
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self._waiting: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.running = 0  # images inside the model now
+        self.batches = 0
+        self.images = 0
+        self._threads = [threading.Thread(target=self._work, name=f"oilleak-infer-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def full(self) -> bool:
+        return len(self._waiting) >= self.queue_size
+
+    def submit(self, images: list[np.ndarray], tile: int | None = None) -> list[Future]:
+        """Queue the images of one request together or not at all (QueueFull). A request with more images
+        than the queue holds is taken when the queue is empty, so no request size is refused forever."""
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self._waiting and len(self._waiting) + len(images) > self.queue_size or len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"{len(self._waiting)} images are waiting (queue of {self.queue_size})")
+            jobs = [_Job(image, tile, Future()) for image in images]
+            self._waiting.extend(jobs)
+            self._cond.notify(len(jobs))
+        return [job.future for job in jobs]
+
+    def close(self) -> None:
+        """Finish what was queued, then stop the workers."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._waiting:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._waiting.popleft()]
+            if batch[0].tile is None and self.max_batch > 1:
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(batch) < self.max_batch:
+                    if self._waiting and self._waiting[0].tile is None:
+                        batch.append(self._waiting.popleft())
+                        continue
+                    left = deadline - time.monotonic()
+                    if self._waiting or left <= 0 or self._closed:  # a tiled job is next: run what we have
+                        break
+                    self._cond.wait(left)
+            self.running += len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                if batch[0].tile is not None:
+                    results = [predict_tiled(batch[0].image, lambda tile: self.predict([tile])[0], batch[0].tile)]
+                else:
+                    results = self.predict([job.image for job in batch])
+                for job, instances in zip(batch, results):
+                    job.future.set_result(instances)
+            except Exception as exc:  # the request fails, the worker lives on
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                with self._cond:
+                    self.running -= len(batch)
+                    self.batches += 1
+                    self.images += len(batch)

@@ -1,0 +1,103 @@
+"""The inference pool of `oilleak serve`: admission (queue full -> QueueFull), batching within the wait window
+and up to max_batch, each answer going to its own request, a failing batch failing only its requests, and
+the real model giving the same instances for a photo in a batch as alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from oilleak.data.transforms import load_image
+from oilleak.predict.instances import Instance
+from oilleak.serve.model import ServedModel
+from oilleak.serve.pool import InferencePool, QueueFull
+from serve_process import SMALL_SCALE, serve_ckpt  # noqa: F401 (a fixture)
+
+
+class Recorder:
+    """A stand-in model: one instance per image whose score is the image's first pixel / 255; it can be held
+    (to fill the queue) and made to fail."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail = False
+
+    def __call__(self, images):
+        self.release.wait(10)
+        self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return [[Instance(0, float(im[0, 0, 0]) / 255, (0, 0, 1, 1), np.ones((1, 1), bool), (0, 0))] for im in images]
+
+
+def image(value: int, size: int = 8) -> np.ndarray:
+    return np.full((size, size, 3), value, np.uint8)
+
+
+def test_batches_form_within_the_window_and_answers_reach_their_requests():
+    model = Recorder()
+    model.release.clear()  # the worker holds the first image while the others queue up
+    pool = InferencePool(model, workers=1, queue=8, max_batch=3, batch_wait_s=0.2)
+    try:
+        futures = [f for v in range(7) for f in pool.submit([image(v * 30)])]
+        time.sleep(0.1)
+        model.release.set()
+        scores = [f.result(10)[0].score for f in futures]
+        assert scores == pytest.approx([v * 30 / 255 for v in range(7)])
+        assert model.batches == [3, 3, 1]  # the first image waited for two more, up to max_batch
+    finally:
+        pool.close()
+
+
+def test_a_full_queue_refuses_and_a_failing_batch_fails_only_its_requests():
+    model = Recorder()
+    model.release.clear()
+    pool = InferencePool(model, workers=1, queue=2, max_batch=1, batch_wait_s=0)
+    try:
+        running = pool.submit([image(1)])
+        time.sleep(0.1)  # the worker holds it; two more fill the queue
+        waiting = pool.submit([image(2)]) + pool.submit([image(3)])
+        assert pool.full()
+        with pytest.raises(QueueFull, match="queue of 2"):
+            pool.submit([image(4)])
+        model.fail = True
+        model.release.set()
+        with pytest.raises(RuntimeError, match="pretend"):
+            running[0].result(10)
+        for f in waiting:
+            with pytest.raises(RuntimeError):
+                f.result(10)
+        model.fail = False
+        (after,) = pool.submit([image(255)])
+        assert after.result(10)[0].score == 1.0  # the worker lived on
+        assert pool.submit([image(1)] * 5)[4].result(10)  # a request larger than the queue, taken when it is empty
+    finally:
+        pool.close()
+
+
+def test_a_tiled_image_runs_alone_tile_by_tile():
+    model = Recorder()
+    pool = InferencePool(model, workers=1, queue=4, max_batch=4, batch_wait_s=0.05)
+    try:
+        (tiled,) = pool.submit([image(60, size=300)], tile=128)
+        assert tiled.result(10) and set(model.batches) == {1} and len(model.batches) == 9  # 3 x 3 tiles
+    finally:
+        pool.close()
+
+
+def test_the_model_gives_a_photo_the_same_instances_in_a_batch_as_alone(serve_ckpt, sample_dir):
+    model = ServedModel.load(serve_ckpt, torch.device("cpu"), [SMALL_SCALE])
+    photos = [load_image(p) for p in sorted(sample_dir.glob("*.jpg"))[:2]]
+    photos = [np.ascontiguousarray(p[: min(p.shape[0] for p in photos), : min(p.shape[1] for p in photos)]) for p in photos]
+    batched = model(photos)
+    for photo, together in zip(photos, batched):
+        (alone,) = model([photo])
+        assert len(together) == len(alone) > 0
+        assert [i.score for i in together] == pytest.approx([i.score for i in alone], abs=1e-4)
+        assert [i.label for i in together] == [i.label for i in alone]
