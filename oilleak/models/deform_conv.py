@@ -14,10 +14,14 @@ neighbour is one contiguous row of channels; ``embedding_bag`` gathers and weigh
 the order of the final sums differs (float rounding). Switchable atrous convolution samples the same input
 twice (dilation d and 3d), so the table is built once and shared (:func:`sampling_table`).
 
-Only the inference path is replaced: with autograd, on CUDA or with groups, torchvision's op runs.
+Only the inference path is replaced: with autograd, on CUDA or with groups, torchvision's op runs, and
+inside :func:`reference_kernel` (a check that needs torchvision's exact float32 summation order).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +29,25 @@ from torch import Tensor
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
 
+_reference_only = False
+
+
+@contextmanager
+def reference_kernel() -> Iterator[None]:
+    """Run torchvision's kernel everywhere inside this block (its float32 rounding, bit for bit)."""
+    global _reference_only
+    before, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = before
+
+
 def vectorised_applies(x: Tensor, offset: Tensor, weight: Tensor) -> bool:
     """The vectorised path runs on CPU without autograd, for one offset group and one weight group."""
     return (
-        x.device.type == "cpu"
+        not _reference_only
+        and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad or weight.requires_grad))
         and x.dtype in (torch.float32, torch.float64)
         and weight.shape[1] == x.shape[1]
