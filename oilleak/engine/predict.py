@@ -129,7 +129,7 @@ class Predictor:
 
         tensor, meta = prepare_image(image, self.scale)
         batch, _ = pad_batch([tensor])
-        dets = self.model(batch.to(self.device), [meta])[0]
+        dets = self.model.predict(batch.to(self.device), [meta], mask_crops=True)[0]  # no full-size mask arrays
         return instances_from_detections(dets, self.score_thr)
 
 
