@@ -16,13 +16,15 @@ memory, and each run ends with a synchronize so the time is the GPU's too. Resul
 Beside the random image, a real photo (``--photo``, a BSData image by default) is timed from its file: each
 tool reads it and resizes it to fit 1333x800 with its own pipeline (oilleak's ``prepare_image``, mmdet's test
 pipeline in bench/mmdet_photo_latency.py), so that time includes decoding and resizing. ``--profile`` prints
-oilleak's CPU time per operator for one more run on the random image. ``--deform torchvision`` runs SAC's
-deformable convolutions with torchvision's kernel instead of the vectorised one (the before/after of that step).
+oilleak's CPU time per operator for two more runs on the random image, with torchvision's deformable
+convolution and with the vectorised one (the before/after of that step). ``--deform torchvision`` times SAC's
+deformable convolutions with torchvision's kernel instead of the vectorised one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -83,12 +85,12 @@ def operator_profile(call, rows: int = 15) -> list[str]:
         call()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    return [f"{e.key:<45} {e.self_cpu_time_total / 1e6:8.3f} s {100 * e.self_cpu_time_total / total:5.1f}%  x{e.count}"
-            for e in events[:rows]]
+    return [f"{'all operators':<45} {total / 1e6:8.3f} s"] + [
+        f"{e.key:<45} {e.self_cpu_time_total / 1e6:8.3f} s {100 * e.self_cpu_time_total / total:5.1f}%  x{e.count}"
+        for e in events[:rows]]
 
 
-def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int, device: torch.device,
-                photo: Path | None, profile: bool) -> dict:
+def random_model_and_image(preset: str, num_classes: int, height: int, width: int):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset=preset), num_classes).eval()
     with torch.no_grad():
@@ -99,6 +101,26 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
     images = torch.zeros(1, 3, pad_h, pad_w)
     images[:, :, :height, :width] = torch.randn(1, 3, height, width)
     metas = [ImageMeta(0, "random", (height, width), (height, width), (pad_h, pad_w), (1.0, 1.0))]
+    return model, images, metas
+
+
+def profile_only(preset: str, num_classes: int, height: int, width: int) -> dict:
+    """A warm-up run, then one profiled run with each deformable convolution kernel (the step's before/after)."""
+    model, images, metas = random_model_and_image(preset, num_classes, height, width)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(images, metas)
+        warm_up = time.perf_counter() - start
+        with reference_kernel():
+            before = operator_profile(lambda: model(images, metas))
+        after = operator_profile(lambda: model(images, metas))
+    return {"warm_up_s": round(warm_up, 2), "profile_deform_torchvision": before, "profile_deform_vectorised": after,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int, device: torch.device,
+                photo: Path | None, profile: bool, deform: str) -> dict:
+    model, images, metas = random_model_and_image(preset, num_classes, height, width)
     model, images = model.to(device), images.to(device)
     cuda = device.type == "cuda"
 
@@ -107,7 +129,8 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
         batch, _ = pad_batch([tensor])
         return model(batch.to(device), [meta])
 
-    with torch.inference_mode():
+    timed_kernel = reference_kernel if deform == "torchvision" else contextlib.nullcontext
+    with torch.inference_mode(), timed_kernel():
         times, outputs = timed_runs(lambda: model(images, metas), runs, cuda, device)
         reference = model.predict(images, metas)
         photo_result = {}
@@ -120,7 +143,12 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
                 "times_s": [round(t, 3) for t in photo_times],
                 "detections": len(photo_outputs[-1][0]),
             }}
-        operators = {"profile_random_image": operator_profile(lambda: model(images, metas))} if profile else {}
+    with torch.inference_mode():
+        operators = {}
+        if profile:  # the step's before/after: torchvision's deformable convolution, then the vectorised one
+            with reference_kernel():
+                operators["profile_deform_torchvision"] = operator_profile(lambda: model(images, metas))
+            operators["profile_deform_vectorised"] = operator_profile(lambda: model(images, metas))
     identical = all(same_detections(out, reference) for out in outputs)
     gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
     return {**gpu,
@@ -171,13 +199,13 @@ def main() -> None:
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="a real photo, timed from its file")
     parser.add_argument("--no-photo", action="store_true", help="time the random image only")
     parser.add_argument("--profile", action="store_true", help="print oilleak's CPU time per operator")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="oilleak only: one warm-up run, then the two profiles (no timed runs, no peer)")
     parser.add_argument("--deform", choices=["vectorised", "torchvision"], default="vectorised",
                         help="SAC's deformable convolution kernel on CPU (torchvision: the reference, for before/after)")
     args = parser.parse_args()
     device = torch.device(args.device)
     photo = None if args.no_photo else args.photo
-    if args.deform == "torchvision":
-        reference_kernel().__enter__()  # for the whole run
 
     torch.set_num_threads(os.cpu_count() or 1)
     result = {
@@ -193,10 +221,14 @@ def main() -> None:
         "image": [args.height, args.width],
         "deform": args.deform,
     }
+    if args.profile_only:
+        result["oilleak"] = profile_only(args.preset, args.classes, args.height, args.width)
+        print(json.dumps(result, indent=2))
+        return
     # The peer runs first: a child's peak RSS starts from the parent's at fork, so the parent must be small.
     if args.peer:
         result["mmdet_peer"] = run_peer(args.peer, args.height, args.width, args.runs, args.classes, photo)
-    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device, photo, args.profile)
+    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device, photo, args.profile, args.deform)
     peer = result.get("mmdet_peer", {})
     if "median_s" in peer:
         result["speedup_vs_mmdet"] = peer["median_s"] / result["oilleak"]["median_s"]
