@@ -3,6 +3,7 @@
     python bench/bench_inference.py                      # detectors_htc_r50, 6 classes, 800x1333, 3 runs
     python bench/bench_inference.py --peer /tmp/mmdet_peer   # also run mmdet 3.3 in the same session
     python bench/bench_inference.py --device cuda --runs 20  # on a GPU (TF32 as PyTorch defaults: off for matmul, on for cuDNN)
+    python bench/bench_inference.py --profile --deform torchvision  # operator split, with the reference kernel
 
 Random weights (ConvAWS gamma/beta set as ImageNet loading would, like the peer's script), a random
 normalised 800x1333 image padded to 800x1344, batch 1, ``torch.inference_mode()``, all cores. One warm-up
@@ -11,11 +12,19 @@ run, then the median of ``--runs``. The timed call is ``model(images, metas)`` i
 Peak RSS is the process high-water mark (model build included); on CUDA also torch's peak allocated GPU
 memory, and each run ends with a synchronize so the time is the GPU's too. Results go to stdout and, with
 --json, a file.
+
+Beside the random image, a real photo (``--photo``, a BSData image by default) is timed from its file: each
+tool reads it and resizes it to fit 1333x800 with its own pipeline (oilleak's ``prepare_image``, mmdet's test
+pipeline in bench/mmdet_photo_latency.py), so that time includes decoding and resizing. ``--profile`` prints
+oilleak's CPU time per operator for two more runs on the random image, with torchvision's deformable
+convolution and with the vectorised one (the before/after of that step). ``--deform torchvision`` times SAC's
+deformable convolutions with torchvision's kernel instead of the vectorised one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,6 +38,8 @@ from pathlib import Path
 import torch
 
 from oilleak.config import ModelConfig
+from oilleak.data.transforms import load_image, pad_batch, prepare_image
+from oilleak.models.deform_conv import reference_kernel
 from oilleak.models.layers import ConvAWS2d
 from oilleak.models.presets import build_model
 from oilleak.structures import Detections, ImageMeta
@@ -36,6 +47,8 @@ from oilleak.structures import Detections, ImageMeta
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared"))  # as in tests/conftest.py
 PEER_SCRIPT = SHARED / "peers" / "mmdet" / "bench" / "mmdet_cpu_latency.py"
+PEER_PHOTO_SCRIPT = REPO / "bench" / "mmdet_photo_latency.py"
+DEFAULT_PHOTO = SHARED / "data" / "bsdata" / "train" / "01_200902053521_585000_090_crop_2.jpg"
 
 
 def cpu_model() -> str:
@@ -53,7 +66,31 @@ def same_detections(a: list[Detections], b: list[Detections]) -> bool:
     )
 
 
-def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int, device: torch.device) -> dict:
+def timed_runs(call, runs: int, cuda: bool, device: torch.device) -> tuple[list[float], list]:
+    times, outputs = [], []
+    for _ in range(runs + 1):  # the first run is the warm-up
+        start = time.perf_counter()
+        outputs.append(call())
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, outputs
+
+
+def operator_profile(call, rows: int = 15) -> list[str]:
+    """The operators taking the most CPU time in one call (self time, so nested ops are not counted twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [f"{'all operators':<45} {total / 1e6:8.3f} s"] + [
+        f"{e.key:<45} {e.self_cpu_time_total / 1e6:8.3f} s {100 * e.self_cpu_time_total / total:5.1f}%  x{e.count}"
+        for e in events[:rows]]
+
+
+def random_model_and_image(preset: str, num_classes: int, height: int, width: int):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset=preset), num_classes).eval()
     with torch.no_grad():
@@ -64,18 +101,54 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
     images = torch.zeros(1, 3, pad_h, pad_w)
     images[:, :, :height, :width] = torch.randn(1, 3, height, width)
     metas = [ImageMeta(0, "random", (height, width), (height, width), (pad_h, pad_w), (1.0, 1.0))]
+    return model, images, metas
+
+
+def profile_only(preset: str, num_classes: int, height: int, width: int) -> dict:
+    """A warm-up run, then one profiled run with each deformable convolution kernel (the step's before/after)."""
+    model, images, metas = random_model_and_image(preset, num_classes, height, width)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(images, metas)
+        warm_up = time.perf_counter() - start
+        with reference_kernel():
+            before = operator_profile(lambda: model(images, metas))
+        after = operator_profile(lambda: model(images, metas))
+    return {"warm_up_s": round(warm_up, 2), "profile_deform_torchvision": before, "profile_deform_vectorised": after,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int, device: torch.device,
+                photo: Path | None, profile: bool, deform: str) -> dict:
+    model, images, metas = random_model_and_image(preset, num_classes, height, width)
     model, images = model.to(device), images.to(device)
     cuda = device.type == "cuda"
 
-    times, outputs = [], []
-    with torch.inference_mode():
-        for _ in range(runs + 1):  # the first run is the warm-up
-            start = time.perf_counter()
-            outputs.append(model(images, metas))
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+    def on_photo() -> list[Detections]:
+        tensor, meta = prepare_image(load_image(photo), (1333, 800))
+        batch, _ = pad_batch([tensor])
+        return model(batch.to(device), [meta])
+
+    timed_kernel = reference_kernel if deform == "torchvision" else contextlib.nullcontext
+    with torch.inference_mode(), timed_kernel():
+        times, outputs = timed_runs(lambda: model(images, metas), runs, cuda, device)
         reference = model.predict(images, metas)
+        photo_result = {}
+        if photo is not None:
+            photo_times, photo_outputs = timed_runs(on_photo, runs, cuda, device)
+            photo_result = {"photo": {
+                "file": photo.name,
+                "input": list(prepare_image(load_image(photo), (1333, 800))[0].shape[-2:]),
+                "median_s": statistics.median(photo_times[1:]),
+                "times_s": [round(t, 3) for t in photo_times],
+                "detections": len(photo_outputs[-1][0]),
+            }}
+    with torch.inference_mode():
+        operators = {}
+        if profile:  # the step's before/after: torchvision's deformable convolution, then the vectorised one
+            with reference_kernel():
+                operators["profile_deform_torchvision"] = operator_profile(lambda: model(images, metas))
+            operators["profile_deform_vectorised"] = operator_profile(lambda: model(images, metas))
     identical = all(same_detections(out, reference) for out in outputs)
     gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
     return {**gpu,
@@ -83,23 +156,34 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
         "times_s": [round(t, 3) for t in times],
         "detections": len(outputs[-1][0]),
         "outputs_identical_to_predict": identical,
+        **photo_result,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB
+        **operators,
     }
 
 
-def run_peer(venv: Path, height: int, width: int, runs: int) -> dict:
+def peer_median(cmd: list[str]) -> tuple[float | None, list[str], str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return None, [], f"peer failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+    # mmengine logs every parameter's init first; the script's own two lines come last
+    summary = [line for line in proc.stdout.splitlines() if line.startswith(("classes ", "photo ", "median_s "))]
+    return float(summary[-1].split()[1]), summary, ""
+
+
+def run_peer(venv: Path, height: int, width: int, runs: int, num_classes: int, photo: Path | None) -> dict:
     python = venv / "bin" / "python"
     if not python.exists():
         return {"skipped": f"no peer venv at {venv} (bash ../shared/peers/mmdet/setup_cpu.sh {venv})"}
-    cmd = [str(python), str(PEER_SCRIPT), str(height), str(width), str(runs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child: the peer
-    if proc.returncode != 0:
-        return {"skipped": f"peer failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"}
-    # mmengine logs every parameter's init first; the script's own two lines come last
-    summary = [line for line in proc.stdout.splitlines() if line.startswith(("threads ", "median_s "))]
-    median = float(summary[-1].split()[1])
-    return {"median_s": median, "output": summary, "peak_rss_gb": peak_kib / 2**20}
+    median, summary, error = peer_median([str(python), str(PEER_SCRIPT), str(height), str(width), str(runs), str(num_classes)])
+    if error:
+        return {"skipped": error}
+    result = {"median_s": median, "output": summary}
+    if photo is not None:
+        photo_median, photo_summary, error = peer_median([str(python), str(PEER_PHOTO_SCRIPT), str(photo), str(runs), str(num_classes)])
+        result["photo"] = {"skipped": error} if error else {"median_s": photo_median, "output": photo_summary}
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child
+    return result
 
 
 def main() -> None:
@@ -112,8 +196,16 @@ def main() -> None:
     parser.add_argument("--peer", type=Path, help="venv of the mmdet peer (setup_cpu.sh); omitted: no peer run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="a real photo, timed from its file")
+    parser.add_argument("--no-photo", action="store_true", help="time the random image only")
+    parser.add_argument("--profile", action="store_true", help="print oilleak's CPU time per operator")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="oilleak only: one warm-up run, then the two profiles (no timed runs, no peer)")
+    parser.add_argument("--deform", choices=["vectorised", "torchvision"], default="vectorised",
+                        help="SAC's deformable convolution kernel on CPU (torchvision: the reference, for before/after)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    photo = None if args.no_photo else args.photo
 
     torch.set_num_threads(os.cpu_count() or 1)
     result = {
@@ -127,13 +219,21 @@ def main() -> None:
             "load_avg_before": os.getloadavg(),
         },
         "image": [args.height, args.width],
+        "deform": args.deform,
     }
+    if args.profile_only:
+        result["oilleak"] = profile_only(args.preset, args.classes, args.height, args.width)
+        print(json.dumps(result, indent=2))
+        return
     # The peer runs first: a child's peak RSS starts from the parent's at fork, so the parent must be small.
     if args.peer:
-        result["mmdet_peer"] = run_peer(args.peer, args.height, args.width, args.runs)
-    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device)
-    if "median_s" in result.get("mmdet_peer", {}):
-        result["speedup_vs_mmdet"] = result["mmdet_peer"]["median_s"] / result["oilleak"]["median_s"]
+        result["mmdet_peer"] = run_peer(args.peer, args.height, args.width, args.runs, args.classes, photo)
+    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device, photo, args.profile, args.deform)
+    peer = result.get("mmdet_peer", {})
+    if "median_s" in peer:
+        result["speedup_vs_mmdet"] = peer["median_s"] / result["oilleak"]["median_s"]
+    if "median_s" in peer.get("photo", {}) and "photo" in result["oilleak"]:
+        result["speedup_vs_mmdet_photo"] = peer["photo"]["median_s"] / result["oilleak"]["photo"]["median_s"]
     result["machine"]["load_avg_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     print(text)

@@ -72,3 +72,18 @@ class Detections:
 
     def to(self, device: torch.device | str) -> Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), self.masks.to(device))
+
+
+@dataclass
+class CroppedDetections:
+    """:class:`Detections` whose masks are kept as windows around their boxes (prediction on large photos,
+    where n full-size masks would take n * H * W bytes): mask i is ``crops[i]`` at ``origins[i]`` = (x, y)."""
+
+    boxes: Tensor  # (n, 4) float32
+    scores: Tensor  # (n,) float32, descending
+    labels: Tensor  # (n,) int64, 0-based
+    crops: list[Tensor]  # (h_i, w_i) bool each
+    origins: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())

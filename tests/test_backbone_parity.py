@@ -11,7 +11,9 @@ stage:
 - end to end from the image on the float64 fixtures (mmdet run in float64), with the model in float64: the
   result does not depend on the CPU or thread count (measured C5 5e-8, P2 5e-8 relative: the float32 storage
   of mmdet's outputs). In float32 the same comparison follows the CPU that made the fixture: on a 2-core AVX2
-  EPYC the float32 DetectoRS fixture is 1.4e-4 off at C4 and 3e-3 in the neck.
+  EPYC the float32 DetectoRS fixture is 1.4e-4 off at C4 and 3e-3 in the neck. The end-to-end check runs the
+  default kernels, the vectorised CPU deformable convolution included (it sums in another order than
+  torchvision's, which float64 makes invisible).
 """
 
 from __future__ import annotations

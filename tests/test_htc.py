@@ -10,7 +10,7 @@ import torch
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler
 from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, roi_levels
-from oilleak.models.mask_head import HTCMaskHead, mask_targets, paste_masks
+from oilleak.models.mask_head import HTCMaskHead, mask_targets, paste_mask_crops, paste_masks
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import ImageMeta, Targets
 
@@ -202,6 +202,19 @@ def test_paste_of_a_zero_width_box_is_a_short_line_as_in_mmdet_on_cpu():
     expected = torch.zeros(20, 30, dtype=torch.bool)
     expected[5:15, 9:11] = True
     assert torch.equal(pasted, expected)
+
+
+def test_paste_into_windows_keeps_only_the_box_surroundings():
+    """Each mask lives in its box's window (1 px margin, clipped to the image); outside it the full mask is
+    False, and a box outside the image has an empty window."""
+    probs = torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[2.2, 3.7, 8.9, 9.1], [-5.0, 10.0, 6.0, 40.0], [50.0, 50.0, 60.0, 60.0]])
+    crops = paste_mask_crops(probs, boxes, (30, 20), 0.5)
+    assert [(tuple(c.shape), origin) for c, origin in crops] == [((9, 9), (1, 2)), ((21, 7), (0, 9)), ((0, 0), (0, 0))]
+    full = paste_masks(probs, boxes, (30, 20), 0.5)
+    for (crop, (x, y)), mask in zip(crops, full, strict=True):
+        assert torch.equal(mask[y : y + crop.shape[0], x : x + crop.shape[1]], crop)
+        assert int(mask.sum()) == int(crop.sum())  # nothing outside the window
 
 
 def test_mask_targets_crop_resize_and_clip():

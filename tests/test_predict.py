@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.predict.predictor import Source, find_images, fresh_dir, output_folders, predict_images
 from oilleak.predict.tiling import merge_tiles, predict_tiled, same_object, tile_windows
-from oilleak.structures import Detections
+from oilleak.structures import CroppedDetections
 
 CLASSES = ["dark", "red"]
 
@@ -95,11 +95,11 @@ def test_holes_are_filled_so_outline_area_and_mask_agree(tmp_path):
 
 
 def test_detections_become_instances_at_the_threshold():
-    masks = torch.zeros(3, 10, 12, dtype=torch.bool)
-    masks[0, 2:5, 3:9] = True
-    masks[2, 0:2, 0:2] = True  # masks[1] is empty: nothing to outline
-    dets = Detections(torch.tensor([[3.0, 2, 9, 5], [0, 0, 4, 4], [0, 0, 2, 2]]), torch.tensor([0.9, 0.8, 0.3]),
-                      torch.tensor([1, 0, 0]), masks)
+    """Each window is cut down to its mask's extent; the origin moves with the cut."""
+    crops = [torch.zeros(5, 8, dtype=torch.bool), torch.zeros(6, 6, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)]
+    crops[0][1:4, 1:7] = True  # crops[1] is empty: nothing to outline
+    dets = CroppedDetections(torch.tensor([[3.0, 2, 9, 5], [0, 0, 4, 4], [0, 0, 2, 2]]), torch.tensor([0.9, 0.8, 0.3]),
+                             torch.tensor([1, 0, 0]), crops, [(2, 1), (0, 0), (0, 0)])
     kept = instances_from_detections(dets, score_thr=0.5)
     assert [(i.label, i.score, i.origin, i.mask.shape, i.area) for i in kept] == [(1, pytest.approx(0.9), (3, 2), (3, 6), 18)]
     assert len(instances_from_detections(dets, score_thr=0.3)) == 2

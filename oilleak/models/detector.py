@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from oilleak.models.htc import HybridTaskCascadeRoIHead
 from oilleak.models.resnet import ResNet
 from oilleak.models.rpn import RPNHead
-from oilleak.structures import Detections, ImageMeta, Targets
+from oilleak.structures import CroppedDetections, Detections, ImageMeta, Targets
 
 
 def total_loss(losses: dict[str, Tensor]) -> Tensor:
@@ -57,7 +57,10 @@ class HybridTaskCascade(nn.Module):
         return losses
 
     @torch.no_grad()
-    def predict(self, images: Tensor, metas: Sequence[ImageMeta]) -> list[Detections]:
+    def predict(
+        self, images: Tensor, metas: Sequence[ImageMeta], mask_crops: bool = False
+    ) -> list[Detections] | list[CroppedDetections]:
+        """``mask_crops``: masks as windows around their boxes (large photos), see ``HybridTaskCascadeRoIHead``."""
         feats = self.extract_feat(images)
         proposals = self.rpn_head.proposals(*self.rpn_head(feats), list(metas), training=False)
-        return self.roi_head.predict(feats, proposals, metas)  # the score column is ignored
+        return self.roi_head.predict(feats, proposals, metas, mask_crops=mask_crops)  # the score column is ignored

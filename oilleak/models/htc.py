@@ -29,9 +29,9 @@ from torchvision.ops import roi_align
 
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler, SamplingResult, batched_nms
-from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_masks
+from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_mask_crops, paste_masks
 from oilleak.models.semantic_head import FusedSemanticHead
-from oilleak.structures import Detections, ImageMeta, Targets
+from oilleak.structures import CroppedDetections, Detections, ImageMeta, Targets
 
 
 def boxes_to_rois(boxes_per_image: Sequence[Tensor]) -> Tensor:
@@ -270,15 +270,21 @@ class HybridTaskCascadeRoIHead(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, feats: Sequence[Tensor], proposals: Sequence[Tensor], metas: Sequence[ImageMeta], rescale: bool = True
-    ) -> list[Detections]:
+        self,
+        feats: Sequence[Tensor],
+        proposals: Sequence[Tensor],
+        metas: Sequence[ImageMeta],
+        rescale: bool = True,
+        mask_crops: bool = False,
+    ) -> list[Detections] | list[CroppedDetections]:
         """Detections per image with masks: in original pixels at ``meta.ori_shape`` (``rescale=True``) or in
-        input pixels at ``meta.img_shape``. proposals: per image (n_i, 4) boxes (extra columns ignored)."""
+        input pixels at ``meta.img_shape``. proposals: per image (n_i, 4) boxes (extra columns ignored).
+        ``mask_crops``: keep each mask as its window (:class:`CroppedDetections`), not as a full-size image."""
         _, semantic_feat = self.semantic_head(feats)
         cascade = self.box_cascade(feats, semantic_feat, proposals, metas)
         detections = self.detect(cascade, metas)
         stage_logits = self.mask_cascade(feats, semantic_feat, [d.boxes for d in detections])
-        return self.finish(detections, stage_logits, metas, rescale)
+        return self.finish(detections, stage_logits, metas, rescale, mask_crops)
 
     def box_cascade(
         self, feats: Sequence[Tensor], semantic_feat: Tensor, proposals: Sequence[Tensor], metas: Sequence[ImageMeta]
@@ -327,9 +333,11 @@ class HybridTaskCascadeRoIHead(nn.Module):
         stage_logits: Sequence[Tensor],
         metas: Sequence[ImageMeta],
         rescale: bool = True,
-    ) -> list[Detections]:
+        mask_crops: bool = False,
+    ) -> list[Detections] | list[CroppedDetections]:
         """Merge the stages' masks (``mask_merge``), take each detection's class channel, rescale the boxes
-        to the original image (``rescale``) and paste the masks at that image's size."""
+        to the original image (``rescale``) and paste the masks at that image's size (``mask_crops``: into
+        windows around the boxes only)."""
         if self.mask_merge == "mean":
             probs = torch.stack([logits.sigmoid() for logits in stage_logits]).mean(dim=0)
         else:
@@ -341,6 +349,10 @@ class HybridTaskCascadeRoIHead(nn.Module):
                 scale_w, scale_h = meta.scale_factor
                 boxes, size = boxes / boxes.new_tensor([scale_w, scale_h, scale_w, scale_h]), meta.ori_shape
             class_probs = probs_i[torch.arange(len(det.labels), device=probs_i.device), det.labels]
-            masks = paste_masks(class_probs, boxes, size, self.mask_thr)
-            results.append(Detections(boxes=boxes, scores=det.scores, labels=det.labels, masks=masks))
+            if mask_crops:
+                crops, origins = zip(*paste_mask_crops(class_probs, boxes, size, self.mask_thr), strict=True) if len(boxes) else ((), ())
+                results.append(CroppedDetections(boxes, det.scores, det.labels, list(crops), list(origins)))
+            else:
+                masks = paste_masks(class_probs, boxes, size, self.mask_thr)
+                results.append(Detections(boxes=boxes, scores=det.scores, labels=det.labels, masks=masks))
         return results

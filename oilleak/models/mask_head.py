@@ -87,21 +87,27 @@ def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(chosen, targets, reduction="mean")
 
 
-def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float) -> Tensor:
-    """Paste (n, S, S) mask probabilities into an image of ``image_size`` (H, W) at ``boxes`` -> (n, H, W) bool.
+def paste_mask_crops(
+    probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float
+) -> list[tuple[Tensor, tuple[int, int]]]:
+    """Paste (n, S, S) mask probabilities at ``boxes`` in an image of ``image_size`` (H, W), each only into its
+    window: per mask the (h, w) bool window and its (x, y) origin in the image.
 
     mmdet's ``_do_paste_mask``, CPU path, on every device: each mask is sampled by ``grid_sample``
     (bilinear, align_corners=False, zero padding) at the pixel centres of a window reaching 1 px beyond its
-    box, then thresholded with ``>=``. Pixels outside that window stay False. For a zero-width or -height box
+    box, then thresholded with ``>=``. Pixels outside that window are False. For a zero-width or -height box
     the infinite normalised coordinates are set to 0 (the mask's centre line), as mmdet does; the window then
     keeps the result a thin line instead of a stripe across the image (which mmdet's GPU path would paste).
+    A box outside the image gets an empty window. Memory is that of the windows, not n full images (100
+    masks on a 6000x4000 photo would be 2.4 GB as one (n, H, W) array).
     """
     height, width = image_size
-    pasted = torch.zeros(len(boxes), height, width, dtype=torch.bool, device=probs.device)
+    crops = []
     for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
         right, bottom = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
         if right <= left or bottom <= top:
+            crops.append((torch.zeros(0, 0, dtype=torch.bool, device=probs.device), (0, 0)))
             continue
         box = boxes[i]
         xs = torch.arange(left, right, device=probs.device, dtype=torch.float32) + 0.5
@@ -112,5 +118,13 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], thres
         v = torch.where(torch.isinf(v), torch.zeros_like(v), v)
         grid = torch.stack([u[None, :].expand(len(v), -1), v[:, None].expand(-1, len(u))], dim=-1)
         sampled = F.grid_sample(probs[i][None, None].float(), grid[None], align_corners=False)
-        pasted[i, top:bottom, left:right] = sampled[0, 0] >= threshold
+        crops.append((sampled[0, 0] >= threshold, (left, top)))
+    return crops
+
+
+def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float) -> Tensor:
+    """:func:`paste_mask_crops` as one (n, H, W) bool tensor of full-size masks."""
+    pasted = torch.zeros(len(boxes), *image_size, dtype=torch.bool, device=probs.device)
+    for i, (crop, (left, top)) in enumerate(paste_mask_crops(probs, boxes, image_size, threshold)):
+        pasted[i, top : top + crop.shape[0], left : left + crop.shape[1]] = crop
     return pasted

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from oilleak.errors import OilleakError
+from oilleak.models.deform_conv import deform_conv2d_from_table, sampling_table, vectorised_applies
 from oilleak.models.layers import ConvAWS2d
 
 # The switch and offset input is smoothed by a 5x5 average over the reflect-padded map; reflection needs
@@ -79,14 +80,22 @@ class SAConv2d(ConvAWS2d):
         dtype = torch.promote_types(x.dtype, torch.float32)
         x, offset_s, offset_l = x.to(dtype), offset_s.to(dtype), offset_l.to(dtype)
         weight = self.standardized_weight().to(dtype)
-        small = deform_conv2d(x, offset_s, weight, stride=self.stride, padding=self.padding, dilation=self.dilation)
-        large = deform_conv2d(
-            x,
-            offset_l,
-            weight + self.weight_diff.to(dtype),  # the difference is added after standardisation, unstandardised
-            stride=self.stride,
-            padding=tuple(3 * p for p in self.padding),
-            dilation=tuple(3 * d for d in self.dilation),
-        )
+        weight_large = weight + self.weight_diff.to(dtype)  # the difference is added after standardisation
+        large_padding = tuple(3 * p for p in self.padding)
+        large_dilation = tuple(3 * d for d in self.dilation)
+        if vectorised_applies(x, offset_s, weight):
+            # CPU inference: both looks sample the same input, so its sampling table is built once
+            table, size = sampling_table(x), (x.shape[0], x.shape[2], x.shape[3])
+            small = deform_conv2d_from_table(
+                table, size, offset_s, weight, stride=self.stride, padding=self.padding, dilation=self.dilation
+            )
+            large = deform_conv2d_from_table(
+                table, size, offset_l, weight_large, stride=self.stride, padding=large_padding, dilation=large_dilation
+            )
+        else:
+            small = deform_conv2d(x, offset_s, weight, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            large = deform_conv2d(
+                x, offset_l, weight_large, stride=self.stride, padding=large_padding, dilation=large_dilation
+            )
         out = switch * small + (1 - switch) * large
         return out + self.post_context(F.adaptive_avg_pool2d(out, 1))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from oilleak.structures import Detections
+from oilleak.structures import CroppedDetections
 
 
 @dataclass
@@ -47,16 +47,16 @@ def crop_mask(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]] | None:
     return np.ascontiguousarray(mask[y0:y1, x0:x1]), (int(x0), int(y0))
 
 
-def instances_from_detections(dets: Detections, score_thr: float) -> list[Instance]:
+def instances_from_detections(dets: CroppedDetections, score_thr: float) -> list[Instance]:
     """Detections at or above ``score_thr`` whose mask has a pixel (an empty mask has no outline to show)."""
-    dets = dets.to("cpu")
     out = []
-    for i in np.flatnonzero(dets.scores.numpy() >= score_thr):
-        cropped = crop_mask(dets.masks[i].numpy())
+    for i in np.flatnonzero(dets.scores.cpu().numpy() >= score_thr):
+        cropped = crop_mask(dets.crops[i].cpu().numpy())
         if cropped is None:
             continue
+        mask, (x, y) = cropped
         box = tuple(float(v) for v in dets.boxes[i])
-        out.append(Instance(int(dets.labels[i]), float(dets.scores[i]), box, *cropped))
+        out.append(Instance(int(dets.labels[i]), float(dets.scores[i]), box, mask, (x + dets.origins[i][0], y + dets.origins[i][1])))
     return out
 
 

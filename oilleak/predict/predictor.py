@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,7 @@ class Predictor:
 
         tensor, meta = prepare_image(image, self.scale)
         batch, _ = pad_batch([tensor])
-        dets = self.model(batch.to(self.device), [meta])[0]
+        dets = self.model.predict(batch.to(self.device), [meta], mask_crops=True)[0]  # no full-size mask arrays
         return instances_from_detections(dets, self.score_thr)
 
 
@@ -153,26 +154,46 @@ def predict_images(
     summary = files.SummaryCsv(out_dir / "summary.csv", class_names)
     for text, reason in report.failures:
         summary.failed(text, "", reason)
+
+    def finish(source: Source, image: np.ndarray, instances: list[Instance], advance: Callable[[int], None]) -> None:
+        instances = [fill_holes(inst) for inst in instances]  # outlines describe them (fill_holes)
+        record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
+        summary.ok(source.name, record)
+        report.processed += 1
+        report.instances += len(instances)
+        advance(1)
+
+    # The model runs while a loader thread decodes the next image and a writer thread writes the previous
+    # one's files (decoding, OpenCV and file writing release the GIL); one of each in flight keeps memory flat
+    # and the summary in input order.
     try:
-        with progress_bar(progress, len(sources), "predicting") as advance:
-            for source in sources:
+        with progress_bar(progress, len(sources), "predicting") as advance, \
+                ThreadPoolExecutor(1, thread_name_prefix="oilleak-load") as loader, \
+                ThreadPoolExecutor(1, thread_name_prefix="oilleak-write") as writer:
+            writing: Future | None = None
+            loading = loader.submit(load_image, sources[0].path) if sources else None
+            for i, source in enumerate(sources):
+                image_future = loading
+                if i + 1 < len(sources):
+                    loading = loader.submit(load_image, sources[i + 1].path)
                 try:
-                    image = load_image(source.path)
+                    image = image_future.result()
                     instances = predict_tiled(image, predict, tile) if tile else predict(image)
-                    instances = [fill_holes(inst) for inst in instances]  # outlines describe them (fill_holes)
                 except (OilleakError, torch.OutOfMemoryError) as exc:
                     reason = str(exc).splitlines()[0]
                     if isinstance(exc, torch.OutOfMemoryError):
                         reason = f"out of memory ({reason[:80]}); try --tile 1333 or --device cpu"
+                    if writing is not None:
+                        writing.result()  # rows stay in input order
                     report.failures.append((str(source.path), reason))
                     summary.failed(str(source.path), source.name, reason)
                     advance(1)
                     continue
-                record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
-                summary.ok(source.name, record)
-                report.processed += 1
-                report.instances += len(instances)
-                advance(1)
+                if writing is not None:
+                    writing.result()  # re-raises the writer's error here
+                writing = writer.submit(finish, source, image, instances, advance)
+            if writing is not None:
+                writing.result()
     finally:
         summary.close()
     return report
