@@ -38,7 +38,8 @@ def boxes_to_original(boxes: np.ndarray, scale_factor: tuple[float, float]) -> n
 
 def _sampling_matrix(centres: np.ndarray, low: np.float32, high: np.float32, size: int) -> np.ndarray:
     """(len(centres), size) bilinear weights that sample a ``size``-long grid spanning [low, high]."""
-    normalised = (centres - low) / (high - low) * np.float32(2) - np.float32(1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero-width box: handled below, as PyTorch does
+        normalised = (centres - low) / (high - low) * np.float32(2) - np.float32(1)
     normalised = np.where(np.isinf(normalised), np.float32(0), normalised)
     source = ((normalised + 1) * size - 1) / 2  # grid_sample's unnormalisation, align_corners=False
     first = np.floor(source)
