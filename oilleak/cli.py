@@ -255,7 +255,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="the .onnx file to write (never overwritten)")],
     opset: Annotated[int, typer.Option(help="ONNX opset; DetectoRS' deformable convolutions need 19")] = 19,
     dynamic: Annotated[bool, typer.Option("--dynamic/--static", help="any image size (default), or fixed to the preset's scale")] = True,
-    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and activations (DeformConv, RoIAlign, NMS stay float32)")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 file: not supported yet (the conversion does not load in ONNX Runtime)")] = False,
 ) -> None:
     """Export the whole detector (RPN, three cascade stages, mask information flow, semantic branch) to ONNX.
 
