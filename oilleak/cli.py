@@ -224,7 +224,7 @@ def test_(
 @app.command()
 @friendly_errors
 def predict(
-    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model)")],
+    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model), or a .onnx file from `oilleak export` (run by ONNX Runtime on the CPU)")],
     inputs: Annotated[list[str], typer.Argument(help="image files, folders (searched recursively) or quoted globs")],
     out_dir: Annotated[Path, typer.Option(help="output folder; a non-empty one is kept and OUT_DIR-2, -3, ... used")] = Path("predictions"),
     score_thr: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="keep instances scoring at least this (default: the checkpoint's predict.score_thr, 0.3)")] = None,
@@ -247,6 +247,26 @@ def predict(
         err_console.print(f"[yellow]{len(report.failures)} inputs skipped:[/]", highlight=False)
         for text, reason in report.failures:
             err_console.print(f"  {escape(text)}: {escape(reason)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint")],
+    out: Annotated[Path, typer.Argument(help="the .onnx file to write (never overwritten)")],
+    opset: Annotated[int, typer.Option(help="ONNX opset; DetectoRS' deformable convolutions need 19")] = 19,
+    dynamic: Annotated[bool, typer.Option("--dynamic/--static", help="any image size (default), or fixed to the preset's scale")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 file: not supported yet (the conversion does not load in ONNX Runtime)")] = False,
+) -> None:
+    """Export the whole detector (RPN, three cascade stages, mask information flow, semantic branch) to ONNX.
+
+    The file takes the photo resized to the preset's scale as (H, W, 3) uint8 RGB and gives boxes, scores,
+    labels and 28x28 mask probabilities; `oilleak predict OUT.onnx IMAGES` runs it with ONNX Runtime."""
+    from oilleak.export.onnx_export import export_checkpoint
+
+    report = export_checkpoint(ckpt, out, opset=opset, dynamic=dynamic, fp16=fp16)
+    console.print(f"wrote {report.path} (opset {report.opset}, {report.size_bytes / 1e6:.1f} MB, {report.seconds:.0f} s)",
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -225,8 +225,9 @@ def run_predict(
     progress: bool = True,
     overrides: list[str] | None = None,
 ) -> PredictReport:
-    """`oilleak predict`: the model of an oilleak checkpoint over the inputs. Raises OilleakError when no
+    """`oilleak predict`: the model of an oilleak checkpoint (or of an `oilleak export` .onnx file) over the inputs. Raises OilleakError when no
     image at all could be predicted (nothing found, or every one unreadable)."""
+    from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor, is_onnx_file
     from oilleak.models.checkpoint import model_from_checkpoint
 
     if tile is not None and tile < 64:
@@ -237,10 +238,17 @@ def run_predict(
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
         raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")
-    model, config = model_from_checkpoint(ckpt, dev, overrides)
-    thr = config.predict.score_thr if score_thr is None else score_thr
-    predictor = Predictor(model, config, dev, thr)
-    report = predict_images(predictor, sources, out_dir, list(config.data.classes), score_thr=thr, tile=tile,
+    if is_onnx_file(ckpt):  # an `oilleak export` file, run by ONNX Runtime on the CPU
+        if overrides:
+            raise OilleakError(f"--set cannot change {ckpt}: an exported graph is fixed; export the checkpoint again with the change")
+        onnx_model = OnnxModel(ckpt)
+        thr, classes = (onnx_model.score_thr if score_thr is None else score_thr), onnx_model.classes
+        predictor = OnnxPredictor(onnx_model, thr)
+    else:
+        model, config = model_from_checkpoint(ckpt, dev, overrides)
+        thr, classes = (config.predict.score_thr if score_thr is None else score_thr), list(config.data.classes)
+        predictor = Predictor(model, config, dev, thr)
+    report = predict_images(predictor, sources, out_dir, classes, score_thr=thr, tile=tile,
                             save_labelme=save_labelme, progress=progress, failures=problems)
     if report.processed == 0:
         listed = "\n".join(f"  {text}: {why}" for text, why in report.failures)

@@ -1,0 +1,157 @@
+"""`oilleak export` and running the .onnx file with ONNX Runtime (`oilleak predict MODEL.onnx`).
+
+The model is an untrained tiny DetectoRS (the real architecture: SAC's deformable convolutions, RFP, three
+cascade stages, mask information flow, semantic branch) whose frozen BatchNorms get statistics from two
+sample images, at a small scale so the export stays quick. A random DetectoRS has near-tied scores, so the
+check that holds for it is step by step: every step of the PyTorch model run on what the ONNX graph fed
+the same step (``oilleak.export.agreement``). The end-to-end check on a briefly trained model is
+``bench/export_agreement.py`` (numbers in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from oilleak.cli import app
+from oilleak.config import config_from_dict
+from oilleak.data.transforms import load_image, pad_batch, prepare_image, rescale_size
+from oilleak.train.from_scratch import calibrate_frozen_batchnorm
+from oilleak.export import postprocess
+from oilleak.export.agreement import Agreement, StageErrors, compare, stage_errors, torch_detections
+from oilleak.export.onnx_export import export_checkpoint, file_sha256
+from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor
+from oilleak.models.checkpoint import save_checkpoint
+from oilleak.models.mask_head import paste_masks
+from oilleak.models.presets import build_model
+
+SCALE = (320, 192)
+runner = CliRunner()
+
+
+def random_checkpoint(path, sample_dir, preset="detectors_htc_r50_tiny", calibrate=True):
+    config = config_from_dict({
+        "data": {"data_root": "data", "classes": ["Pitting"], "scale": list(SCALE), "workers": 0},
+        "model": {"preset": preset},
+    })
+    torch.manual_seed(0)
+    model = build_model(config.model, 1)
+    if calibrate:
+        images = sorted(sample_dir.glob("*.jpg"))[:2]
+        calibrate_frozen_batchnorm(model, [pad_batch([prepare_image(load_image(p), SCALE)[0]])[0] for p in images])
+    save_checkpoint(path, model=model, config=config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, sample_dir):
+    folder = tmp_path_factory.mktemp("export")
+    ckpt = random_checkpoint(folder / "tiny.pth", sample_dir)
+    report = export_checkpoint(ckpt, folder / "tiny.onnx", stages=True)
+    return ckpt, report.path
+
+
+def test_every_step_agrees_with_pytorch_on_real_images(exported, sample_dir):
+    ckpt, onnx_path = exported
+    from oilleak.models.checkpoint import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(ckpt)
+    onnx_model = OnnxModel(onnx_path)
+    errors = StageErrors()
+    for path in sorted(sample_dir.glob("*.jpg"))[2:4]:
+        stage_errors(model, onnx_model, load_image(path), errors)
+    assert {"p2", "p6", "s0.cls", "s2.deltas", "masks"} <= set(errors.errors)
+    for name in errors.errors:
+        assert errors.relative(name) < 1e-3, (name, errors.errors[name], errors.scales[name])
+
+
+def test_detections_agree_with_pytorch_end_to_end(exported, sample_dir):
+    """The issue's criterion: >= 99% of detections matched (same label, box IoU >= 0.99, score within 1e-3),
+    matched masks with IoU >= 0.98. The calibrated random model's scores are varied enough for it."""
+    ckpt, onnx_path = exported
+    from oilleak.models.checkpoint import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(ckpt)
+    onnx_model = OnnxModel(onnx_path)
+    total = Agreement()
+    for path in sorted(sample_dir.glob("*.jpg"))[6:8]:
+        image = load_image(path)
+        total.add(compare(torch_detections(model, image, SCALE), onnx_model.detect(image)))
+    assert total.torch_detections > 50
+    assert total.matched_fraction >= 0.99, (total.matched, total.torch_detections, total.onnx_detections)
+    assert total.masks_at_least(0.98) >= 0.99
+
+
+def test_metadata_names_classes_scale_and_checkpoint(exported):
+    ckpt, onnx_path = exported
+    meta = OnnxModel(onnx_path).metadata
+    assert json.loads(meta["oilleak.classes"]) == ["Pitting"]
+    assert json.loads(meta["oilleak.scale"]) == list(SCALE)
+    assert meta["oilleak.preset"] == "detectors_htc_r50_tiny"
+    assert meta["oilleak.checkpoint_sha256"] == file_sha256(ckpt)
+    assert json.loads(meta["oilleak.mean"]) == [123.675, 116.28, 103.53]
+
+
+def test_any_image_size_goes_in(exported):
+    """Dynamic height and width, padded to /32 inside the graph: odd sizes and a portrait image run."""
+    _, onnx_path = exported
+    model = OnnxModel(onnx_path)
+    rng = np.random.default_rng(0)
+    for height, width in [(101, 187), (192, 97)]:
+        boxes, scores, labels, masks = model.raw(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        assert boxes.shape == (len(scores), 4) and masks.shape == (len(scores), 28, 28)
+        assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all() and (boxes >= 0).all()
+        assert (np.diff(scores) <= 0).all()
+
+
+def test_predict_runs_the_onnx_file(exported, sample_dir, tmp_path):
+    _, onnx_path = exported
+    images = sorted(sample_dir.glob("*.jpg"))[4:6]
+    out = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", str(onnx_path), *map(str, images), "--out-dir", str(out), "--score-thr", "0.05"])
+    assert result.exit_code == 0, result.output
+    predictor = OnnxPredictor(OnnxModel(onnx_path), 0.05)
+    for path in images:
+        record = json.loads((out / "instances" / f"{path.stem}.json").read_text())
+        expected = predictor(load_image(path))
+        assert len(record["instances"]) == len(expected) > 0
+        assert (out / "overlays" / f"{path.stem}.jpg").is_file()
+    assert (out / "summary.csv").is_file()
+
+
+def test_numpy_paste_equals_the_models_paste():
+    rng = np.random.default_rng(1)
+    probs = rng.random((6, 28, 28), dtype=np.float32)
+    boxes = np.array([[10.3, 5.7, 60.2, 40.9], [0, 0, 99, 79], [50.5, 60.5, 50.5, 70], [-3, -2, 20, 15],
+                      [90.1, 70.2, 130, 95], [33, 33, 34, 34]], np.float32)
+    expected = paste_masks(torch.from_numpy(probs), torch.from_numpy(boxes), (80, 100), 0.5).numpy()
+    for i in range(len(boxes)):
+        window, origin = postprocess.paste_mask(probs[i], boxes[i], (80, 100), 0.5)
+        np.testing.assert_array_equal(postprocess.full_mask(window, origin, (80, 100)), expected[i])
+
+
+def test_resize_matches_the_pytorch_path():
+    for width, height in [(1130, 460), (1540, 645), (2700, 901), (37, 1000)]:
+        assert postprocess.fit_size(width, height, (1333, 800)) == rescale_size(width, height, (1333, 800))
+
+
+def test_unsupported_opset_and_existing_file_are_clear_errors(tmp_path, sample_dir):
+    detectors = random_checkpoint(tmp_path / "detectors.pth", sample_dir, calibrate=False)
+    result = runner.invoke(app, ["export", str(detectors), str(tmp_path / "a.onnx"), "--opset", "17"])
+    assert result.exit_code == 2 and "DeformConv" in result.output and "19" in result.output
+    htc = random_checkpoint(tmp_path / "htc.pth", sample_dir, preset="htc_r50_tiny", calibrate=False)
+    result = runner.invoke(app, ["export", str(htc), str(tmp_path / "b.onnx"), "--opset", "13"])
+    assert result.exit_code == 2 and "RoiAlign" in result.output and "16" in result.output
+    result = runner.invoke(app, ["export", str(htc), str(tmp_path / "c.onnx"), "--opset", "30"])
+    assert result.exit_code == 2 and "opset" in result.output
+    result = runner.invoke(app, ["export", str(htc), str(tmp_path / "d.onnx"), "--fp16"])
+    assert result.exit_code == 2 and "--fp16" in result.output and not (tmp_path / "d.onnx").exists()
+    taken = tmp_path / "taken.onnx"
+    taken.write_bytes(b"user data")
+    result = runner.invoke(app, ["export", str(htc), str(taken)])
+    assert result.exit_code == 2 and "exists" in result.output and taken.read_bytes() == b"user data"
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
