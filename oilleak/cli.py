@@ -292,7 +292,7 @@ def parity(
 @app.command()
 @friendly_errors
 def serve(
-    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model)")],
+    ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model), or an `oilleak export` .onnx file")],
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,

@@ -26,7 +26,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, ckpt: Path, log: Path, *args: str, api_key: str | None = None, start_timeout: float = 180):
+    def __init__(self, ckpt: Path, log: Path, *args: str, api_key: str | None = None, start_timeout: float = 180,
+                 small_scale: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -35,7 +36,7 @@ class ServerProcess:
         if api_key:
             env["OILLEAK_API_KEY"] = api_key
         command = [sys.executable, "-m", "oilleak", "serve", str(ckpt), "--port", str(self.port), "--device", "cpu",
-                   "--set", SMALL_SCALE, *args]
+                   *(["--set", SMALL_SCALE] if small_scale else []), *args]
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
         deadline = time.monotonic() + start_timeout

@@ -123,6 +123,27 @@ def test_predict_runs_the_onnx_file(exported, sample_dir, tmp_path):
     assert (out / "summary.csv").is_file()
 
 
+def test_serve_runs_the_onnx_file(exported, sample_dir, tmp_path):
+    import httpx
+    from serve_process import ServerProcess
+
+    _, onnx_path = exported
+    image = sorted(sample_dir.glob("*.jpg"))[4]
+    server = ServerProcess(onnx_path, tmp_path / "serve.log", small_scale=False)
+    try:
+        health = httpx.get(server.url + "/health", timeout=30).json()
+        answer = httpx.post(server.url + "/predict", params={"score_thr": 0.05}, timeout=300,
+                            files={"image": (image.name, image.read_bytes(), "image/jpeg")})
+    finally:
+        server.stop()
+    assert answer.status_code == 200, answer.text
+    assert health["model"]["classes"] == ["Pitting"] and health["model"]["checkpoint"] == onnx_path.name
+    expected = OnnxPredictor(OnnxModel(onnx_path), 0.05)(load_image(image))
+    got = answer.json()["instances"]
+    assert len(got) == len(expected) > 0
+    assert [round(i["score"], 5) for i in got] == [round(i.score, 5) for i in expected]
+
+
 def test_numpy_paste_equals_the_models_paste():
     rng = np.random.default_rng(1)
     probs = rng.random((6, 28, 28), dtype=np.float32)

@@ -195,7 +195,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         return error(500, f"the server failed on this request ({type(exc).__name__}); it is logged, the server goes on")
 
     def threshold(score_thr: float | None) -> float:
-        return model.config.predict.score_thr if score_thr is None else score_thr
+        return model.score_thr if score_thr is None else score_thr
 
     async def decoded(upload: UploadFile) -> tuple[str, np.ndarray]:
         name = PurePath(upload.filename or "upload").name

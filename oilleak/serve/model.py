@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
+from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor
 from oilleak.predict.instances import Instance, instances_from_detections
 
 
@@ -21,11 +22,23 @@ class ServedModel:
     checkpoint: str  # the file name, for /health and answers (never the server's full path)
 
     @classmethod
-    def load(cls, ckpt: Path, device: torch.device, overrides: list[str] | None = None) -> ServedModel:
+    def load(cls, ckpt: Path, device: torch.device, overrides: list[str] | None = None) -> ServedModel | OnnxServedModel:
+        """An oilleak checkpoint, or an `oilleak export` .onnx file (run by ONNX Runtime on the CPU)."""
+        from oilleak.export.onnx_runtime import is_onnx_file
         from oilleak.models.checkpoint import model_from_checkpoint
 
+        if is_onnx_file(ckpt):
+            return OnnxServedModel.load(ckpt, overrides)
         model, config = model_from_checkpoint(ckpt, device, overrides)
         return cls(model.eval(), config, device, Path(ckpt).name)
+
+    @property
+    def preset(self) -> str:
+        return self.config.model.preset
+
+    @property
+    def score_thr(self) -> float:
+        return self.config.predict.score_thr
 
     @property
     def classes(self) -> list[str]:
@@ -33,9 +46,8 @@ class ServedModel:
 
     @property
     def info(self) -> dict:
-        return {"checkpoint": self.checkpoint, "preset": self.config.model.preset, "classes": self.classes,
-                "scale": list(self.config.data.scale), "score_thr": self.config.predict.score_thr,
-                "device": str(self.device)}
+        return {"checkpoint": self.checkpoint, "preset": self.preset, "classes": self.classes,
+                "scale": list(self.config.data.scale), "score_thr": self.score_thr, "device": str(self.device)}
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> list[list[Instance]]:
@@ -46,3 +58,41 @@ class ServedModel:
         batch, _ = pad_batch([tensor for tensor, _ in prepared])
         detections = self.model(batch.to(self.device), [meta for _, meta in prepared])
         return [instances_from_detections(dets, 0.0) for dets in detections]
+
+
+@dataclass
+class OnnxServedModel:
+    """An `oilleak export` file behind the same interface; classes, scale and threshold come from its metadata."""
+
+    onnx: OnnxModel
+    checkpoint: str
+    device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, path: Path, overrides: list[str] | None = None) -> OnnxServedModel:
+        from oilleak.errors import OilleakError
+
+        if overrides:
+            raise OilleakError(f"{path}: an .onnx file carries its settings; --set applies to checkpoints only")
+        return cls(OnnxModel(path), Path(path).name)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.onnx.classes)
+
+    @property
+    def preset(self) -> str:
+        return self.onnx.metadata.get("oilleak.preset", "onnx")
+
+    @property
+    def score_thr(self) -> float:
+        return self.onnx.score_thr
+
+    @property
+    def info(self) -> dict:
+        return {"checkpoint": self.checkpoint, "preset": self.preset, "classes": self.classes,
+                "scale": list(self.onnx.scale), "score_thr": self.score_thr, "device": "cpu (onnxruntime)"}
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[Instance]]:
+        """Every instance with a mask, whatever its score, one image at a time (the graph takes one)."""
+        return [OnnxPredictor(self.onnx, 0.0)(image) for image in images]

@@ -54,6 +54,6 @@ def run_server(ckpt: Path, *, host: str, port: int, device, settings: ServeSetti
 
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=120, lifespan="on")
-    on_ready(f"oilleak serve: {model.checkpoint} ({model.config.model.preset}, {len(model.classes)} classes) on "
+    on_ready(f"oilleak serve: {model.checkpoint} ({model.preset}, {len(model.classes)} classes) on "
              f"{model.device}, http://{host}:{port}/ (API docs at /docs)")
     DrainingServer(config, drain).run()
