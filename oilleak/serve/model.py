@@ -56,7 +56,7 @@ class ServedModel:
 
         prepared = [prepare_image(image, tuple(self.config.data.scale)) for image in images]
         batch, _ = pad_batch([tensor for tensor, _ in prepared])
-        detections = self.model(batch.to(self.device), [meta for _, meta in prepared])
+        detections = self.model.predict(batch.to(self.device), [meta for _, meta in prepared], mask_crops=True)
         return [instances_from_detections(dets, 0.0) for dets in detections]
 
 
