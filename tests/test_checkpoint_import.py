@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from oilleak.config import Config, DataConfig
 from oilleak.errors import OilleakError
-from oilleak.models.checkpoint import LoadReport, load_torchvision_resnet, load_weights, save_checkpoint
+from oilleak.models.checkpoint import LoadReport, atomic_torch_save, load_torchvision_resnet, load_weights, save_checkpoint
 from oilleak.models.layers import ConvAWS2d
 from oilleak.models.resnet import ResNet
 from oilleak.models.rfp import RFP
@@ -206,3 +207,17 @@ def test_report_reasons_cover_the_documented_cases():
     assert LoadReport.reason("neck.rfp_modules.0.layer3.0.rfp_conv.weight")
     assert LoadReport.reason("roi_head.bbox_head.1.fc_reg.weight") is None
     assert LoadReport.reason("backbone.layer2.0.conv2.weight") is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_get_the_mode_of_any_other_file(tmp_path, umask):
+    """A checkpoint is written to a temporary file (0600 by mkstemp) and renamed: it must end with the mode
+    a plain open() gives (0644 under umask 022), like config.yaml and log.jsonl beside it."""
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "latest.pth")
+        (tmp_path / "config.yaml").write_text("a: 1\n")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "latest.pth").stat().st_mode & 0o777
+    assert mode == (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o666 & ~umask

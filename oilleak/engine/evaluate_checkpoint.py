@@ -115,8 +115,11 @@ def _check_show_dir(paths: dict[int, Path], overwrite: bool) -> None:
 
 def _atomic_write(path: Path, write: Callable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    from oilleak.models.checkpoint import umask_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        umask_mode(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

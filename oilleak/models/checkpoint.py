@@ -32,12 +32,21 @@ from oilleak.models.presets import build_model
 FORMAT = "oilleak/1"
 
 
+def umask_mode(fd: int) -> None:
+    """Give a ``tempfile.mkstemp`` file the mode a plain ``open`` would (0666 less the umask, usually 0644):
+    mkstemp makes it 0600, which the rename would keep."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask_mode(fd)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
