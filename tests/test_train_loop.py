@@ -139,6 +139,17 @@ def test_resume_mid_epoch_equals_one_run(shapes, tmp_path):
     assert [r["epoch"] for r in records if r["type"] == "val"] == [1] and "segm_mAP" in records[2]
 
 
+def test_a_run_shorter_than_the_log_interval_logs_its_first_and_last_step(shapes, tmp_path):
+    # 2 steps per epoch x 3 epochs = 6 steps; --max-iters 3 makes 3 the total the progress counts to
+    out = io.StringIO()
+    cfg = shapes_config(shapes, tmp_path, train={"log_interval": 50})
+    run_training(cfg, TrainOptions(max_iters=3, device="cpu"), Console(file=out, width=200))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 3]
+    printed = out.getvalue()
+    assert "epoch 1 iter 1/3 " in printed and "epoch 2 iter 3/3 " in printed and "/6" not in printed
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
     # one step per epoch; warmup from lr 1e-6 to 1e6: the first step (epoch 1, checkpointed) is sane,
     # the second blows the weights up, the third meets NaN. No evaluation before the end.

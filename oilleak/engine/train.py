@@ -334,7 +334,9 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.epochs * self.batches.steps_per_epoch
+        """The steps this training will end at: --max-iters when it comes first."""
+        steps = self.cfg.epochs * self.batches.steps_per_epoch
+        return steps if self.options.max_iters is None else min(steps, self.options.max_iters)
 
     def run(self) -> TrainResult:
         stopped_by = None
@@ -510,7 +512,7 @@ class Trainer:
             try:
                 with self.log.paused():  # the evaluation shows its own progress bar
                     result = evaluate_model(self.module, self.val_set, device=self.runtime.device,
-                                            workers=self.config.data.workers, progress=self.console.is_terminal)
+                                            workers=self.config.data.workers, console=self.console)
                 outcome = (dict(result.metrics), None)
                 self.log.evaluation(epoch=self.epoch + 1, step=self.iteration, metrics=outcome[0], table=result.table())
             except FloatingPointError as exc:  # NaN weights: do not save them
