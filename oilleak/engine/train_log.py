@@ -161,7 +161,7 @@ class TrainLog:
         self._write({"type": "val", "epoch": epoch, "iter": step, **metrics})
         for key, value in metrics.items():
             self._tb.add_scalar(f"val/{key}", value, step)
-        self.console.print(f"validation after epoch {epoch} (iteration {step}):", highlight=False, markup=False)
+        self.console.print(f"validation at iteration {step} (epoch {epoch}):", highlight=False, markup=False)
         self.console.print(table)
         self.plot()
 
