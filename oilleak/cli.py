@@ -200,6 +200,9 @@ def test_(
 ) -> None:
     """Evaluate a checkpoint: COCO box and mask AP, per class, with reports and plots.
 
+    The config gives the data; an oilleak checkpoint gives the model and the scale it was trained at
+    (--set model.* / data.scale still win). Its classes must be the config's.
+
     A class without ground truth in the split is shown as "no GT", never as 0.
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
     Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
@@ -211,7 +214,7 @@ def test_(
     outcome = run_test(
         cfg, ckpt, split=split, work_dir=work_dir, show_dir=show_dir, out=out, overwrite=overwrite,
         device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
-        config_name=str(config),
+        config_name=str(config), overrides=set_,
     )
     console.print(outcome.result.table())
     console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)
