@@ -89,6 +89,15 @@ DIVERGED_FIX = (
 )
 
 
+def diverged_advice(last_good: Path | None, work_dir: Path) -> str:
+    """What to do after a NaN stop: from the last good checkpoint, or, with none, in a fresh work dir (the
+    stopped run's config.yaml and log.jsonl are there, and a fresh training never overwrites them)."""
+    if last_good is not None:
+        return f"the last good checkpoint is {last_good}. {DIVERGED_FIX} or --resume."
+    return (f"no checkpoint was written yet. {DIVERGED_FIX} with another --work-dir, or after emptying {work_dir} "
+            "(it holds this run's config and log, which a new training never overwrites).")
+
+
 class _StopBeforeStep(Exception):
     """A stop was requested and this step cannot (or need not) run: save the state before it."""
 
@@ -475,8 +484,7 @@ class Trainer:
 
     def _diverged(self, what: str) -> TrainingDiverged:
         last = self.files.latest if self.files.latest.is_file() else None
-        saved = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return TrainingDiverged(f"{what}; {saved}. {DIVERGED_FIX}" + (" or --resume." if last else "."))
+        return TrainingDiverged(f"{what}; {diverged_advice(last, self.work_dir)}")
 
     # ------------------------------------------------------------------------------------------ epoch end
 
