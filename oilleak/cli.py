@@ -242,7 +242,8 @@ def predict(
     from oilleak.engine.predict import run_predict
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
-                         device=device, overrides=set_)
+                         device=device, overrides=set_,
+                         say=lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True))
     console.print(f"{report.processed} images predicted, {report.instances} instances; outputs in {report.out_dir}",
                   markup=False, highlight=False)
     if report.failures:

@@ -168,9 +168,12 @@ def test_cli_predict_exit_codes(ckpt, sample_dir, tmp_path):
 
 def test_run_predict_thresholds_and_fresh_folder(ckpt, sample_dir, tmp_path):
     image = sorted(sample_dir.glob("*.jpg"))[5]
-    runs = [run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=thr, device="cpu", progress=False)
-            for thr in (0.0, None, 0.6)]
+    notes: list[str] = []
+    runs = [run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=thr, device="cpu", progress=False,
+                        say=notes.append) for thr in (0.0, None, 0.6)]
     assert [r.out_dir for r in runs] == [tmp_path / "p", tmp_path / "p-2", tmp_path / "p-3"]  # earlier files stay
+    assert notes == [f"{tmp_path / 'p'} is not empty (oilleak never overwrites files): the outputs go to {tmp_path / f'p-{n}'}"
+                     for n in (2, 3)]  # said before predicting, not only in the closing line
     records = [json.loads((r.out_dir / "instances" / f"{image.stem}.json").read_text()) for r in runs]
     assert [r["score_thr"] for r in records] == [0.0, 0.3, 0.6]  # None: the checkpoint's predict.score_thr
     for record, thr in zip(records, (0.0, 0.3, 0.6)):

@@ -203,16 +203,20 @@ def run_predict(
     device: str | None = None,
     progress: bool = True,
     overrides: list[str] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> PredictReport:
     """`oilleak predict`: the model of an oilleak checkpoint over the inputs. Raises OilleakError when no
-    image at all could be predicted (nothing found, or every one unreadable)."""
+    image at all could be predicted (nothing found, or every one unreadable). ``say`` gets the notes the
+    user needs before the (long) run: where the outputs go when ``out_dir`` already holds files."""
     from oilleak.models.checkpoint import model_from_checkpoint
 
     if tile is not None and tile < 64:
         raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
     dev = resolve_device(device)
     sources, problems = find_images(inputs, exclude=output_folders(out_dir))
-    out_dir = fresh_dir(out_dir)
+    asked, out_dir = out_dir, fresh_dir(out_dir)
+    if out_dir != asked and say is not None:
+        say(f"{asked} is not empty (oilleak never overwrites files): the outputs go to {out_dir}")
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
         raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")
