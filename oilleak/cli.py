@@ -170,7 +170,12 @@ def train(
     torchrun --nproc_per_node 2 -m oilleak train CONFIG [OPTIONS].
 
     --resume continues from WORK_DIR/latest.pth (model, optimiser, schedule, data order, RNG, best metric);
-    --resume-from CKPT continues from another checkpoint; --load-from only takes the weights and starts anew."""
+    --resume-from CKPT continues from another checkpoint; --load-from only takes the weights and starts anew.
+
+    Models (model.preset): detectors_htc_r50 (DetectoRS, the default), htc_r50 (HTC on a plain ResNet-50
+    and FPN), and their _tiny versions (the same architecture, narrow: CPU experiments, tests, the demo;
+    ImageNet and COCO weight files fit only the full widths), e.g.
+    --set model.preset=detectors_htc_r50_tiny --set data.scale=[640,256]."""
     from oilleak.config import load_config
     from oilleak.engine.train import TrainOptions, run_training
 
