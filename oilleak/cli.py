@@ -249,7 +249,10 @@ def predict(
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
                          device=device, overrides=set_,
                          say=lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True))
-    console.print(f"{report.processed} images predicted, {report.instances} instances; outputs in {report.out_dir}",
+    from oilleak.engine.prediction_files import nothing_found
+
+    found = f"{report.instances} instances" if report.instances else nothing_found(report.score_thr, report.top_score)
+    console.print(f"{report.processed} images predicted, {found}; outputs in {report.out_dir}",
                   markup=False, highlight=False)
     if report.failures:
         err_console.print(f"[yellow]{len(report.failures)} inputs skipped:[/]", highlight=False)

@@ -181,6 +181,20 @@ def test_run_predict_thresholds_and_fresh_folder(ckpt, sample_dir, tmp_path):
     assert len(records[0]["instances"]) > len(records[2]["instances"])
 
 
+def test_nothing_above_the_threshold_is_said_with_the_highest_score(ckpt, sample_dir, tmp_path):
+    image = sorted(sample_dir.glob("*.jpg"))[5]
+    result = runner.invoke(app, ["predict", str(ckpt), str(image), "--out-dir", str(tmp_path / "p"),
+                                 "--score-thr", "1.0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    top = float(line.split("no leak found at score >= 1 (highest score ")[1].split(")")[0])
+    assert "1 images predicted, no leak found" in line and 0.0 < top < 1.0
+    # the untrained model's best detection, kept at threshold 0: the same highest score
+    report = run_predict(ckpt, [str(image)], out_dir=tmp_path / "q", score_thr=0.0, device="cpu", progress=False)
+    scores = [i["score"] for i in json.loads((report.out_dir / "instances" / f"{image.stem}.json").read_text())["instances"]]
+    assert report.top_score == pytest.approx(max(scores), abs=1e-5) and round(max(scores), 2) == top  # json: 5 decimals
+
+
 def test_set_changes_the_stored_config_for_one_run(ckpt, sample_dir, tmp_path):
     image = sorted(sample_dir.glob("*.jpg"))[5]
     report = run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=0.0, device="cpu", progress=False,

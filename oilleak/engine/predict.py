@@ -41,6 +41,8 @@ class PredictReport:
     processed: int = 0
     instances: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    score_thr: float = 0.0
+    top_score: float | None = None  # the highest score of any detection (kept or not); None: unknown
 
 
 def _is_glob(text: str) -> bool:
@@ -122,6 +124,7 @@ class Predictor:
         self.scale = tuple(config.data.scale)
         self.device = device
         self.score_thr = score_thr
+        self.top_score: float | None = None  # highest score of any detection since it was last set to None
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> list[Instance]:
@@ -130,6 +133,9 @@ class Predictor:
         tensor, meta = prepare_image(image, self.scale)
         batch, _ = pad_batch([tensor])
         dets = self.model(batch.to(self.device), [meta])[0]
+        if len(dets.scores):
+            top = float(dets.scores.max())
+            self.top_score = top if self.top_score is None else max(self.top_score, top)
         return instances_from_detections(dets, self.score_thr)
 
 
@@ -149,13 +155,15 @@ def predict_images(
     from oilleak.data.transforms import load_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = PredictReport(out_dir, failures=list(failures or []))
+    report = PredictReport(out_dir, failures=list(failures or []), score_thr=score_thr)
     summary = files.SummaryCsv(out_dir / "summary.csv", class_names)
     for text, reason in report.failures:
         summary.failed(text, "", reason)
     try:
         with progress_bar(progress, len(sources), "predicting") as advance:
             for source in sources:
+                if isinstance(predict, Predictor):
+                    predict.top_score = None  # this image's (all its tiles')
                 try:
                     image = load_image(source.path)
                     instances = predict_tiled(image, predict, tile) if tile else predict(image)
@@ -168,7 +176,10 @@ def predict_images(
                     summary.failed(str(source.path), source.name, reason)
                     advance(1)
                     continue
-                record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
+                top = predict.top_score if isinstance(predict, Predictor) else None
+                if top is not None:
+                    report.top_score = top if report.top_score is None else max(report.top_score, top)
+                record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme, top)
                 summary.ok(source.name, record)
                 report.processed += 1
                 report.instances += len(instances)
@@ -179,11 +190,12 @@ def predict_images(
 
 
 def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: list[Instance],
-                   class_names: list[str], score_thr: float, save_labelme: bool) -> dict:
+                   class_names: list[str], score_thr: float, save_labelme: bool, top_score: float | None) -> dict:
     """Write the image's files; returns its instances record (what instances/NAME.json holds)."""
     height, width = image.shape[:2]
     polygons = [mask_polygons(inst) for inst in instances]
-    files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names)
+    files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names,
+                        score_thr, top_score)
     record = files.instances_record(str(source.path), height, width, instances, polygons, class_names, score_thr)
     files.write_json(out_dir / "instances" / f"{source.name}.json", record)
     if save_labelme:

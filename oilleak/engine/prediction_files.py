@@ -1,6 +1,7 @@
 """What `oilleak predict` writes for each image, under the output folder:
 
-- ``overlays/NAME.jpg``: the image with masks, outlines, boxes, class names and scores;
+- ``overlays/NAME.jpg``: the image with masks, outlines, boxes, class names and scores; with no instance,
+  a banner: "no leak found at score >= THR (highest score S)";
 - ``instances/NAME.json``: ``{"source", "width", "height", "classes", "score_thr", "leak_area_px",
   "leak_area_share", "instances": [{"class", "label", "score", "box": [x1, y1, x2, y2], "polygons":
   [[[x, y], ...], ...], "area_px", "area_share"}]}``: polygons are the outlines of the mask (one per separate
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from oilleak.engine.instances import Instance
-from oilleak.engine.visualize import draw_instances, paint_mask_crops, save_image
+from oilleak.engine.visualize import banner, draw_instances, paint_mask_crops, save_image
 
 LABELME_VERSION = "5.5.0"  # the format of labelme 5 (description field); labelme 4 and 5 read it
 
@@ -44,12 +45,23 @@ def union_area(instances: list[Instance]) -> int:
     return int(canvas.sum())
 
 
-def write_overlay(path: Path, image: np.ndarray, instances: list[Instance], class_names: list[str]) -> None:
+def nothing_found(score_thr: float, top_score: float | None) -> str:
+    """What an image (or a run) without an instance at or above ``score_thr`` says; ``top_score``: the
+    highest score the model gave anything below it (None: unknown or nothing at all)."""
+    seen = "" if top_score is None else f" (highest score {top_score:.2f})"
+    return f"no leak found at score >= {score_thr:g}{seen}"
+
+
+def write_overlay(path: Path, image: np.ndarray, instances: list[Instance], class_names: list[str],
+                  score_thr: float = 0.0, top_score: float | None = None) -> None:
+    """The drawn instances; with none, a banner says so (an overlay identical to the photo looks unfinished)."""
     painted = paint_mask_crops(image, [i.mask for i in instances], [i.origin for i in instances],
                                [i.label for i in instances], len(class_names))
     boxes = np.array([i.box for i in instances], np.float32).reshape(-1, 4)
     drawn = draw_instances(painted, boxes, [i.label for i in instances], class_names,
                            scores=[i.score for i in instances])
+    if not instances:
+        drawn = banner(drawn, nothing_found(score_thr, top_score))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(drawn, path)
 
