@@ -170,7 +170,12 @@ def train(
     torchrun --nproc_per_node 2 -m oilleak train CONFIG [OPTIONS].
 
     --resume continues from WORK_DIR/latest.pth (model, optimiser, schedule, data order, RNG, best metric);
-    --resume-from CKPT continues from another checkpoint; --load-from only takes the weights and starts anew."""
+    --resume-from CKPT continues from another checkpoint; --load-from only takes the weights and starts anew.
+
+    Models (model.preset): detectors_htc_r50 (DetectoRS, the default), htc_r50 (HTC on a plain ResNet-50
+    and FPN), and their _tiny versions (the same architecture, narrow: CPU experiments, tests, the demo;
+    ImageNet and COCO weight files fit only the full widths), e.g.
+    --set model.preset=detectors_htc_r50_tiny --set data.scale=[640,256]."""
     from oilleak.config import load_config
     from oilleak.train.loop import TrainOptions, run_training
 
@@ -200,6 +205,9 @@ def test_(
 ) -> None:
     """Evaluate a checkpoint: COCO box and mask AP, per class, with reports and plots.
 
+    The config gives the data; an oilleak checkpoint gives the model and the scale it was trained at
+    (--set model.* / data.scale still win). Its classes must be the config's.
+
     A class without ground truth in the split is shown as "no GT", never as 0.
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
     Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
@@ -212,7 +220,7 @@ def test_(
     outcome = run_test(
         cfg, ckpt, split=split, work_dir=work_dir, show_dir=show_dir, out=out, overwrite=overwrite,
         device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
-        config_name=str(config),
+        config_name=str(config), overrides=set_,
     )
     console.print(result_table(outcome.result))
     console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)
@@ -240,8 +248,12 @@ def predict(
     from oilleak.predict.predictor import run_predict
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
-                         device=device, overrides=set_)
-    console.print(f"{report.processed} images predicted, {report.instances} instances; outputs in {report.out_dir}",
+                         device=device, overrides=set_,
+                         say=lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True))
+    from oilleak.predict.files import nothing_found
+
+    found = f"{report.instances} instances" if report.instances else nothing_found(report.score_thr, report.top_score)
+    console.print(f"{report.processed} images predicted, {found}; outputs in {report.out_dir}",
                   markup=False, highlight=False)
     if report.failures:
         err_console.print(f"[yellow]{len(report.failures)} inputs skipped:[/]", highlight=False)

@@ -24,7 +24,8 @@ def require_torchvision_ops() -> None:
         raise OilleakError(
             f"torchvision's compiled ops cannot load ({exc.__class__.__name__}: {exc}).\n"
             f"Installed: {versions}. torch and torchvision must be a matching pair.\n"
-            f"Fix: pip install -c constraints.txt {TESTED_PAIR}  (the pair oilleak is tested with)"
+            f"Fix: pip install -c constraints.txt {TESTED_PAIR}  (the pair oilleak is tested with; on a machine "
+            "without a GPU, both from one index: add --index-url https://download.pytorch.org/whl/cpu)"
         ) from None
 
 

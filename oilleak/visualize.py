@@ -89,6 +89,24 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: tuple[str, str] = 
     return np.asarray(canvas)
 
 
+def banner(image: np.ndarray, text: str) -> np.ndarray:
+    """A copy of ``image`` with ``text`` on a dark strip across its top, in letters sized to the image, so a
+    picture that shows nothing found cannot be mistaken for the input photo."""
+    height, width = image.shape[:2]
+    size = max(12, round(max(height, width) / 45))
+    try:
+        font = ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(3, size // 3)
+    draw.rectangle([0, 0, width, bottom - top + 2 * pad], fill=(20, 20, 20))
+    draw.text((pad, pad - top), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
 def save_image(image: np.ndarray, path) -> None:
     Image.fromarray(image).save(path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from oilleak.config import Config, DataConfig
 from oilleak.errors import OilleakError
+from oilleak.files import atomic_write
 from oilleak.models.checkpoint import LoadReport, load_torchvision_resnet, load_weights, save_checkpoint
 from oilleak.models.layers import ConvAWS2d
 from oilleak.models.resnet import ResNet
@@ -243,3 +245,18 @@ def test_mmdet_checkpoint_in_another_class_order_is_permuted_into_the_configs(fi
     report = load_weights(model, checkpoint)
     assert "reordered" not in report.format()
     assert torch.equal(model.state_dict()["roi_head.bbox_head.0.fc_cls.weight"], permuted["roi_head.bbox_head.0.fc_cls.weight"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_get_the_mode_of_any_other_file(tmp_path, umask):
+    """A checkpoint is written to a temporary file and renamed: it must end with the mode
+    a plain open() gives (0644 under umask 022), like config.yaml and log.jsonl beside it."""
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "latest.pth") as f:  # how save_checkpoint writes
+            torch.save({"x": torch.zeros(1)}, f)
+        (tmp_path / "config.yaml").write_text("a: 1\n")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "latest.pth").stat().st_mode & 0o777
+    assert mode == (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -78,3 +78,18 @@ def test_save_and_reload_round_trip(tmp_path):
     cfg = config_from_dict(MINIMAL, overrides=["train.epochs=3", "train.milestones=[2]"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_every_preset_is_documented_in_train_help_and_readme():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from oilleak.cli import app
+    from oilleak.config import PRESETS
+
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output.split())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in PRESETS:
+        assert f"`{name}`" in readme
+        assert name in help_text or (name.endswith("_tiny") and "their _tiny versions" in help_text), name

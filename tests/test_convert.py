@@ -175,7 +175,8 @@ def test_bsdata_subset_in_sub_folders(bsdata_dir: Path, tmp_path: Path):
     assert check_against_labelme(src, out) == shapes
     assert report.splits["train"].images == 15 and report.splits["val"].images == 5
     names = [im["file_name"] for s in ("train", "val") for im in load_split(out, s)["images"]]
-    assert len(names) == 20 and all(n.startswith(("a__", "b__c__")) for n in names)
+    # the names are unique, so each image keeps its own (no folder prefix)
+    assert sorted(names) == sorted(json.loads(p.read_text())["imagePath"] for p in jsons)
 
 
 # ---- classes -------------------------------------------------------------------------------------------
@@ -396,14 +397,17 @@ def test_unique_file_names_for_equal_stems(tmp_path: Path):
     square = [[5, 5], [15, 5], [15, 15], [5, 15]]
     labelled_image(src / "a" / "b", "img", [shape("oil", square)])
     labelled_image(src / "c", "img", [shape("oil", square)])
+    labelled_image(src / "c", "other", [shape("oil", square)])  # unique: keeps its name
     labelled_image(src / ".ipynb_checkpoints", "img-checkpoint", [shape("oil", square)])  # hidden: ignored
     convert_labelme(src, tmp_path / "out", val_fraction=0)
     images = load_split(tmp_path / "out", "train")["images"]
-    assert [(im["file_name"], im["labelme"]) for im in images] == [
+    assert sorted((im["file_name"], im["labelme"]) for im in images) == [
         ("a__b__img.png", "a/b/img.json"),
         ("c__img.png", "c/img.json"),
+        ("other.png", "c/other.json"),
     ]
-    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["a__b__img.png", "c__img.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == [
+        "a__b__img.png", "c__img.png", "other.png"]
 
 
 def test_overwrite_protection(tmp_path: Path, sample_dir: Path):

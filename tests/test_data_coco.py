@@ -376,7 +376,7 @@ def test_report_groups_and_truncates(tmp_path):
 
 def test_sample_and_bsdata_check_clean(sample_root, bsdata_dir, tmp_path):
     report = check_dataset(data_config(sample_root, ["Pitting"]))
-    assert report.ok and report.problems == []
+    assert report.ok and {p.kind for p in report.problems} == {"instances below the anchors"}  # small pitting
     stats = {s: report.splits[s].class_stats()["Pitting"] for s in ("train", "val")}
     assert stats["train"].instances + stats["val"].instances == 14 and len(report.splits["train"].records) == 7
     bs_root = write_labelme_layout(tmp_path / "bs", list(bsdata_dir.glob("*.json")), link=True)
@@ -412,3 +412,16 @@ def test_supplied_semantic_map_that_disagrees_with_the_instances_is_warned(tmp_p
     labelled = int((derived["one"] > 0).sum())
     assert str(root / "train_mask" / "one.png") in message
     assert f"on 100.0% of its labelled pixels ({labelled} of {labelled}" in message and "binary 0/255" in message
+
+
+@pytest.mark.parametrize("scale, small", [((128, 96), 3), ((256, 192), 1), ((384, 288), 0), ((1333, 800), 0)])
+def test_instances_below_the_smallest_anchors_at_the_scale_are_a_warning(tmp_path, scale, small):
+    # 64x48 images with 10, 12 and 6 px squares: x2 at (128, 96), x4 at (256, 192), x6 at (384, 288)
+    split = load(make_split(tmp_path, base_coco()), scale=scale)
+    if not small:
+        assert split.problems == []
+        return
+    message = only_problem(split, "instances below the anchors", "warning")
+    assert message.startswith(f"train: {small} of 3 instances ({100 * small / 3:.0f}%) in ")
+    assert f"at data.scale [{scale[0]}, {scale[1]}]" in message
+    assert f"--set data.scale=[{2 * scale[0]},{2 * scale[1]}]" in message

@@ -77,10 +77,10 @@ def test_run_test_writes_reports_pictures_and_detections(data_root, tmp_path, mo
     config = make_config(data_root)
     stand_in = {}
 
-    def fake_load(ckpt, cfg):
+    def fake_load(ckpt, cfg, overrides):
         ds = build_dataset(cfg.data, "val", train=False)
         stand_in["model"] = GroundTruthModel(ds.coco, ds.cat_ids)
-        return stand_in["model"], ""
+        return stand_in["model"], "", cfg
 
     monkeypatch.setattr(evaluate_run, "load_model_for_test", fake_load)
     show, out = tmp_path / "show", tmp_path / "dets.pkl"
@@ -128,10 +128,11 @@ def tiny(data_root, tmp_path_factory):
     return folder / "config.yaml", ckpt
 
 
-def test_cli_test_with_oilleak_and_mmdetection_checkpoints(tiny, tmp_path):
+def test_cli_test_with_oilleak_and_mmdetection_checkpoints(tiny, data_root, tmp_path):
     from typer.testing import CliRunner
 
     from oilleak.cli import app
+    from oilleak.config import save_config
 
     config, ckpt = tiny
     runner = CliRunner()
@@ -154,6 +155,19 @@ def test_cli_test_with_oilleak_and_mmdetection_checkpoints(tiny, tmp_path):
     assert "tensors loaded" in result.output
     (report_dir2,) = (tmp_path / "work2").iterdir()
     assert json.loads((report_dir2 / "metrics.json").read_text())["metrics"] == payload["metrics"]
+
+    # a config for the full model at another scale (configs/bsdata.yaml as it is): the checkpoint's model
+    # and scale are used and said so, the config gives the data; the metrics are the same
+    other = make_config(data_root, preset="detectors_htc_r50")
+    other.data.scale = (1333, 800)
+    save_config(other, tmp_path / "full.yaml")
+    result = runner.invoke(app, ["test", str(tmp_path / "full.yaml"), str(ckpt), "--work-dir", str(tmp_path / "work3"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert ("from the checkpoint, as it was trained: model.preset detectors_htc_r50_tiny (the config says "
+            "detectors_htc_r50); data.scale [512, 320] (the config says [1333, 800])") in " ".join(result.output.split())
+    (report_dir3,) = (tmp_path / "work3").iterdir()
+    assert json.loads((report_dir3 / "metrics.json").read_text())["metrics"] == payload["metrics"]
 
     # refused: --out exists; checkpoints of other classes (oilleak or mmdetection)
     result = runner.invoke(app, ["test", str(config), str(ckpt), "--out", str(out)])
@@ -179,3 +193,13 @@ def test_cli_test_names_the_config_file_in_data_errors(data_root, tmp_path):
     save_config(config, tmp_path / "mine.yaml")
     result = CliRunner().invoke(app, ["test", str(tmp_path / "mine.yaml"), str(tmp_path / "unused.pth")])
     assert result.exit_code == 2 and f"the class names in {tmp_path / 'mine.yaml'} do not match" in result.output
+
+
+def test_set_values_win_over_the_checkpoints_model_and_scale(data_root):
+    trained = make_config(data_root, mask_merge="last")
+    trained.data.scale = (512, 320)
+    mine = make_config(data_root, preset="detectors_htc_r50")
+    used, note = evaluate_checkpoint._from_checkpoint(mine, trained, ["data.scale=[256,160]", "train.lr=0.1"])
+    assert (used.model.preset, used.model.mask_merge, used.data.scale) == ("detectors_htc_r50_tiny", "last", (256, 160))
+    assert used.data.data_root == mine.data.data_root and used.train == mine.train  # the data and the rest: the config's
+    assert "model.mask_merge last (the config says mean)" in note and "data.scale [256, 160]" in note

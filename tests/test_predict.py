@@ -263,3 +263,22 @@ def test_device_option_errors_name_the_fix():
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(OilleakError, match="use --device cpu" if count == 0 else r"only \d+ GPU\(s\) are visible"):
         resolve_device(f"cuda:{count}")  # one past the last GPU: refused before any model is moved there
+
+
+def test_progress_goes_to_a_log_file_as_lines(tmp_path, capsys):
+    """Output captured (not a terminal, as under nohup or CI): progress lines appear as images are done."""
+    sources = [Source(_png(tmp_path / f"{k}.png", canvas(40, 40)), str(k)) for k in range(3)]
+    predict_images(find_blobs, sources, tmp_path / "out", CLASSES, score_thr=0.3, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predicting")]
+    assert lines[0].startswith("predicting 1/3 (33%)") and lines[-1].startswith("predicting 3/3 (100%)")
+
+
+def test_an_overlay_without_instances_says_so(tmp_path):
+    image = canvas(120, 160)  # nothing dark or red: the stand-in finds nothing
+    src = _png(tmp_path / "clean.png", image)
+    report = predict_images(find_blobs, [Source(src, "clean")], tmp_path / "out", CLASSES, score_thr=0.3, progress=False)
+    assert (report.instances, report.top_score) == (0, None)  # the stand-in gives no scores below its threshold
+    overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / "clean.jpg")).astype(int)
+    assert overlay[:3].mean() < 60  # a dark banner across the top, white letters on it
+    assert (overlay[:12] > 200).any()
+    assert np.abs(overlay[40:] - image[40:]).max() <= 8  # below it, the photo (JPEG rounding only)

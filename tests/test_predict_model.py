@@ -168,14 +168,31 @@ def test_cli_predict_exit_codes(ckpt, sample_dir, tmp_path):
 
 def test_run_predict_thresholds_and_fresh_folder(ckpt, sample_dir, tmp_path):
     image = sorted(sample_dir.glob("*.jpg"))[5]
-    runs = [run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=thr, device="cpu", progress=False)
-            for thr in (0.0, None, 0.6)]
+    notes: list[str] = []
+    runs = [run_predict(ckpt, [str(image)], out_dir=tmp_path / "p", score_thr=thr, device="cpu", progress=False,
+                        say=notes.append) for thr in (0.0, None, 0.6)]
     assert [r.out_dir for r in runs] == [tmp_path / "p", tmp_path / "p-2", tmp_path / "p-3"]  # earlier files stay
+    assert notes == [f"{tmp_path / 'p'} is not empty (oilleak never overwrites files): the outputs go to {tmp_path / f'p-{n}'}"
+                     for n in (2, 3)]  # said before predicting, not only in the closing line
     records = [json.loads((r.out_dir / "instances" / f"{image.stem}.json").read_text()) for r in runs]
     assert [r["score_thr"] for r in records] == [0.0, 0.3, 0.6]  # None: the checkpoint's predict.score_thr
     for record, thr in zip(records, (0.0, 0.3, 0.6)):
         assert all(i["score"] >= thr for i in record["instances"])
     assert len(records[0]["instances"]) > len(records[2]["instances"])
+
+
+def test_nothing_above_the_threshold_is_said_with_the_highest_score(ckpt, sample_dir, tmp_path):
+    image = sorted(sample_dir.glob("*.jpg"))[5]
+    result = runner.invoke(app, ["predict", str(ckpt), str(image), "--out-dir", str(tmp_path / "p"),
+                                 "--score-thr", "1.0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    top = float(line.split("no leak found at score >= 1 (highest score ")[1].split(")")[0])
+    assert "1 images predicted, no leak found" in line and 0.0 < top < 1.0
+    # the untrained model's best detection, kept at threshold 0: the same highest score
+    report = run_predict(ckpt, [str(image)], out_dir=tmp_path / "q", score_thr=0.0, device="cpu", progress=False)
+    scores = [i["score"] for i in json.loads((report.out_dir / "instances" / f"{image.stem}.json").read_text())["instances"]]
+    assert report.top_score == pytest.approx(max(scores), abs=1e-5) and round(max(scores), 2) == top  # json: 5 decimals
 
 
 def test_set_changes_the_stored_config_for_one_run(ckpt, sample_dir, tmp_path):

@@ -167,3 +167,13 @@ def test_progress_bar_groups_the_loss_terms():
     losses = {"loss_rpn_cls": 0.25, "loss_rpn_bbox": 0.5, "loss_semantic_seg": 0.125, "s0.loss_cls": 1.0,
               "s0.acc": 90.0, "s0.loss_mask": 2.0, "s2.loss_bbox": 4.0}
     assert grouped_losses(losses) == {"rpn": 0.75, "semantic": 0.125, "s0": 3.0, "s2": 4.0}  # acc is no loss
+
+
+def test_nan_stop_advice_without_a_checkpoint_says_to_change_or_empty_the_work_dir(tmp_path):
+    from oilleak.train.loop import diverged_advice
+
+    advice = diverged_advice(None, tmp_path / "run")
+    assert "no checkpoint was written yet" in advice and "--resume" not in advice
+    assert "another --work-dir" in advice and f"emptying {tmp_path / 'run'}" in advice
+    advice = diverged_advice(tmp_path / "run" / "latest.pth", tmp_path / "run")
+    assert f"last good checkpoint is {tmp_path / 'run' / 'latest.pth'}" in advice and advice.endswith("or --resume.")

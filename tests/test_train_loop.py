@@ -127,7 +127,10 @@ def test_resume_mid_epoch_equals_one_run(shapes, tmp_path):
     assert_same_weights(weights(latest_one), weights(latest_two))
     assert_same_weights(one.model.state_dict(), weights(latest_one))
     s1, s2 = train_state(latest_one), train_state(latest_two)
-    assert s1["best"] is not None and s1["best"] == s2["best"]  # the best metric came through the resume
+    # the best metric came through the resume; the runs stopped by --max-iters were evaluated where they stopped
+    for state, work in ((s1, tmp_path / "one"), (s2, tmp_path / "two")):
+        scores = [json.loads(line).get("segm_mAP") for line in (work / "log.jsonl").read_text().splitlines()]
+        assert state["best"] is not None and state["best"] == max(s for s in scores if s is not None)
     assert torch.equal(s1["rng"][0]["torch"], s2["rng"][0]["torch"])
     for a, b in zip(s1["optimizer"]["state"].values(), s2["optimizer"]["state"].values()):
         assert torch.allclose(a["momentum_buffer"], b["momentum_buffer"], atol=1e-7, rtol=0)
@@ -136,7 +139,31 @@ def test_resume_mid_epoch_equals_one_run(shapes, tmp_path):
     assert {"config.yaml", "log.jsonl", "latest.pth", "best.pth", "epoch_1.pth", "loss_curve.png", "tb"} <= names
     records = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2, 3]
-    assert [r["epoch"] for r in records if r["type"] == "val"] == [1] and "segm_mAP" in records[2]
+    # evaluated at the --max-iters 1 stop, after epoch 1, and at the --max-iters 3 stop in epoch 2
+    assert [(r["epoch"], r["iter"]) for r in records if r["type"] == "val"] == [(1, 1), (1, 2), (2, 3)]
+
+
+def test_a_run_shorter_than_the_log_interval_logs_its_first_and_last_step(shapes, tmp_path):
+    # 2 steps per epoch x 3 epochs = 6 steps; --max-iters 3 makes 3 the total the progress counts to
+    out = io.StringIO()
+    cfg = shapes_config(shapes, tmp_path, train={"log_interval": 50})
+    run_training(cfg, TrainOptions(max_iters=3, device="cpu"), Console(file=out, width=200))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 3]
+    printed = out.getvalue()
+    assert "epoch 1 iter 1/3 " in printed and "epoch 2 iter 3/3 " in printed and "/6" not in printed
+
+
+def test_a_run_shorter_than_an_epoch_is_evaluated_and_leaves_best_pth(shapes, tmp_path):
+    out = io.StringIO()
+    result = run_training(shapes_config(shapes, tmp_path), TrainOptions(max_iters=1, device="cpu"),
+                          Console(file=out, width=400))
+    assert (result.iterations, result.epochs_done, result.stopped_by) == (1, 0, "max-iters")
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["iter"]) for r in records if r["type"] == "val"] == [(1, 1)]
+    assert train_state(tmp_path / "best.pth")["best"] == records[-1]["segm_mAP"] == result.best
+    assert_same_weights(weights(tmp_path / "best.pth"), weights(tmp_path / "latest.pth"))
+    assert f"checkpoint to test and predict with: {tmp_path / 'best.pth'}" in out.getvalue()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
@@ -185,6 +212,7 @@ def test_val_split_without_images_trains_without_evaluation(shapes, tmp_path):
     result = run_training(cfg, TrainOptions(device="cpu"), Console(file=out, width=200))
     assert (result.epochs_done, result.best, result.stopped_by) == (1, None, None)
     assert "no validation split" in out.getvalue()
+    assert f"checkpoint to test and predict with: {tmp_path / 'work' / 'latest.pth'} (no validation split" in out.getvalue()
     assert (tmp_path / "work" / "epoch_1.pth").is_file() and not (tmp_path / "work" / "best.pth").exists()
 
 

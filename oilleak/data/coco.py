@@ -35,6 +35,10 @@ from oilleak.errors import OilleakError
 from oilleak.structures import SEM_IGNORE
 
 SMALL_AREA = 32 * 32  # COCO's "small" objects: mask area below 32 x 32 px
+# The smallest anchors of every preset: anchor scale 8 x the finest stride 4 = 32 px. An object whose box
+# is smaller than that at the training scale matches no anchor well: the RPN rarely proposes it.
+SMALLEST_ANCHOR = 32
+BELOW_ANCHORS_WARN = 0.10  # warn when this share of a split's instances is below the smallest anchors
 BOX_TOLERANCE = 1.0  # boxes may overhang the image this much (labelme points dragged onto the border) silently
 
 # How to fix each kind of problem; printed once per kind.
@@ -64,6 +68,8 @@ FIXES = {
     "bad semantic map": "semantic PNGs are single-channel, image-sized, 0 = background, class k -> k + 1, 255 = ignore",
     "semantic map disagrees": "check the PNG: 0 = background, class k -> k + 1, 255 = ignore; or delete the folder "
     "(or set data.<split>.sem_dir: null) to derive the maps from the instances",
+    "instances below the anchors": "train, test and predict at a larger data.scale (more memory and time), "
+                                   "or crop / tile the photos so the leaks fill more of each image",
 }
 # A supplied semantic map may legitimately differ from the instances at their borders; beyond this share of
 # its labelled pixels (labelled in either map) the difference is reported.
@@ -499,6 +505,26 @@ def _add_annotations(data: dict, records: dict[int, ImageRecord], cat_to_label: 
         record.instances.append(Instance(aid, cat_to_label[cid], box, rle, area))
 
 
+def _check_instance_sizes(records: list[ImageRecord], scale: tuple[int, int], ann_file: Path, log: _Log) -> None:
+    """Warn when many boxes are smaller than the smallest anchors once the image is resized to ``scale``."""
+    from oilleak.data.transforms import rescale_size
+
+    small = total = 0
+    for record in records:
+        factor = rescale_size(record.width, record.height, scale)[0] / record.width
+        for inst in record.instances:
+            x1, y1, x2, y2 = inst.box
+            total += 1
+            small += ((x2 - x1) * (y2 - y1)) ** 0.5 * factor < SMALLEST_ANCHOR
+    if total and small / total >= BELOW_ANCHORS_WARN:
+        long_side, short_side = max(scale), min(scale)
+        log.warning("instances below the anchors", (
+            f"{small} of {total} instances ({100 * small / total:.0f}%) in {ann_file} are smaller than "
+            f"{SMALLEST_ANCHOR}x{SMALLEST_ANCHOR} px at data.scale [{long_side}, {short_side}] (the images are "
+            f"resized to it), below the smallest anchors: the detector will find few of them; e.g. "
+            f"--set data.scale=[{2 * long_side},{2 * short_side}] doubles their size"))
+
+
 def _index(data: dict) -> COCO:
     coco = COCO()
     coco.dataset = data
@@ -565,6 +591,7 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
         for name, stats in out.class_stats().items():
             if stats.instances == 0:
                 log.warning("class without annotations", f"class '{name}' has no usable annotation in {ann_file}")
+        _check_instance_sizes(out.records, tuple(data_cfg.scale), ann_file, log)
     if out.ok:
         out.coco = _index(data)
     return out

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -436,10 +436,13 @@ def _resolve_classes(
 
 
 def _assign_file_names(entries: list[_Entry]) -> None:
-    """a/b/img.json -> a__b__img.jpg: unique over the dataset, whatever the split."""
+    """a/b/img.json -> img.jpg, the name the user knows, when no other labelme file has that name (in any
+    folder, in either split, ignoring case); a/b/img.json -> a__b__img.jpg when several have."""
+    plain = [Path(entry.rel).stem + entry.image.suffix for entry in entries]
+    count = Counter(name.casefold() for name in plain)
     taken: set[str] = set()
-    for entry in entries:
-        stem = entry.rel[: -len(".json")].replace("/", "__")
+    for entry, name in zip(entries, plain):
+        stem = entry.rel[: -len(".json")].replace("/", "__") if count[name.casefold()] > 1 else Path(entry.rel).stem
         name, k = stem + entry.image.suffix, 2
         while name.casefold() in taken:  # a__b/img.json and a/b__img.json would meet; so would case-only twins
             name, k = f"{stem}__{k}{entry.image.suffix}", k + 1

@@ -17,6 +17,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -213,6 +214,7 @@ def predict_dataset(
     batch_size: int = 1,
     workers: int = 0,
     progress: bool = True,
+    console: Console | None = None,
 ) -> list[ImageResult]:
     """Run the model in eval mode over a test-mode dataset (``build_dataset(..., train=False)``)."""
     from oilleak.data.dataset import collate
@@ -223,7 +225,7 @@ def predict_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     results: list[ImageResult] = []
     try:
-        with torch.inference_mode(), progress_bar(progress, len(dataset), "evaluating") as advance:
+        with torch.inference_mode(), progress_bar(progress, len(dataset), "evaluating", console) as advance:
             for batch in loader:
                 batch = batch.to(device)
                 for meta, dets in zip(batch.metas, model(batch.images, batch.metas)):
@@ -235,8 +237,10 @@ def predict_dataset(
 
 
 def evaluate_model(
-    model: nn.Module, dataset, *, device: torch.device | str, batch_size: int = 1, workers: int = 0, progress: bool = True
+    model: nn.Module, dataset, *, device: torch.device | str, batch_size: int = 1, workers: int = 0, progress: bool = True,
+    console: Console | None = None,
 ) -> EvalResult:
     """Predict over ``dataset`` and compute its COCO metrics (the training loop's validation)."""
-    images = predict_dataset(model, dataset, device=device, batch_size=batch_size, workers=workers, progress=progress)
+    images = predict_dataset(model, dataset, device=device, batch_size=batch_size, workers=workers, progress=progress,
+                             console=console)
     return coco_evaluate(dataset.coco, images, list(dataset.classes), list(dataset.cat_ids))

@@ -39,11 +39,36 @@ class TestOutcome:
     written: list[Path] = field(default_factory=list)
 
 
-def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
-    """The model the config describes with the checkpoint's weights, and a note on how they were loaded.
+# What `test` takes from an oilleak checkpoint rather than from the config: the model it holds and the
+# scale it was trained at. The config gives the data; --set of these keys still wins.
+FROM_CHECKPOINT = ("model", "data.scale")
 
-    An oilleak checkpoint must have been trained on the config's classes (same names, same order) and
-    preset; an mmdetection checkpoint is loaded tensor by tensor with a report (``load_weights``).
+
+def _from_checkpoint(config: Config, trained: Config, overrides: list[str]) -> tuple[Config, str]:
+    """``config`` with the checkpoint's model and scale (``--set`` values of them applied on top), and a note
+    saying what differs from the config file."""
+    from oilleak.config import config_from_dict
+
+    kept = [o for o in overrides if o.split("=", 1)[0].strip().startswith(("model.", "data.scale"))]
+    raw = config.to_dict()
+    raw["model"] = trained.to_dict()["model"]
+    raw["data"]["scale"] = list(trained.data.scale)
+    used = config_from_dict(raw, "the config with the checkpoint's model", kept)
+    changed = [f"model.{k} {v} (the config says {getattr(config.model, k)})"
+               for k, v in used.model.model_dump().items() if v != getattr(config.model, k)]
+    if tuple(used.data.scale) != tuple(config.data.scale):
+        changed.append(f"data.scale {list(used.data.scale)} (the config says {list(config.data.scale)})")
+    note = ("from the checkpoint, as it was trained: " + "; ".join(changed)) if changed else ""
+    return used, note
+
+
+def load_model_for_test(ckpt: Path, config: Config, overrides: list[str] | None = None) -> tuple[nn.Module, str, Config]:
+    """The checkpoint's model with its weights, a note on how they were loaded, and the config to test with.
+
+    An oilleak checkpoint carries its model and the scale it was trained at: both are taken from it
+    (``FROM_CHECKPOINT``; ``overrides``, the ``--set`` values, still win), the config gives the data, and
+    its classes must be the checkpoint's (same names, same order). An mmdetection checkpoint is built as
+    the config describes and loaded tensor by tensor with a report (``load_weights``).
     """
     from oilleak.models.checkpoint import (
         FORMAT, build_with_weights, config_from_checkpoint, load_weights, mmdet_classes, read_checkpoint_file,
@@ -66,20 +91,15 @@ def load_model_for_test(ckpt: Path, config: Config) -> tuple[nn.Module, str]:
                 f"{report.format()}\ncheckpoint {ckpt} does not fill the whole {config.model.preset} model for "
                 f"{config.num_classes} classes; evaluate a checkpoint trained on the config's classes and model"
             )
-        return model, report.format()
+        return model, report.format(), config
     classes = list(raw.get("classes", []))
     if classes != list(config.data.classes):
         raise OilleakError(
             f"checkpoint {ckpt} was trained on the classes {classes}, but the config's data.classes are "
             f"{list(config.data.classes)}; evaluate it with the config it was trained with (same names, same order)"
         )
-    trained = config_from_checkpoint(raw, ckpt).model.preset
-    if trained != config.model.preset:
-        raise OilleakError(
-            f"checkpoint {ckpt} holds a {trained} model but the config's model.preset is {config.model.preset}; "
-            f"add --set model.preset={trained}"
-        )
-    return build_with_weights(config, raw["state_dict"], ckpt), ""
+    used, note = _from_checkpoint(config, config_from_checkpoint(raw, ckpt), overrides or [])
+    return build_with_weights(used, raw["state_dict"], ckpt), note, used
 
 
 def check_out_path(out: Path | None, overwrite: bool) -> None:
@@ -188,10 +208,12 @@ def run_test(
     progress: bool = True,
     on_load: Callable[[str], None] | None = None,
     config_name: str = "your config",
+    overrides: list[str] | None = None,
 ) -> TestOutcome:
     """Evaluate ``ckpt`` on ``split`` and write everything (module docstring); ``on_load`` receives the
-    weight-load report of an mmdetection checkpoint before the (long) inference starts; ``config_name``
-    is how data errors refer to the config file."""
+    weight-load report of an mmdetection checkpoint, or what an oilleak checkpoint changed of the config,
+    before the (long) inference starts; ``config_name`` is how data errors refer to the config file;
+    ``overrides`` are the ``--set`` values (they win over the checkpoint's model and scale)."""
     from oilleak.data.dataset import build_dataset
 
     check_out_path(out, overwrite)
@@ -199,9 +221,10 @@ def run_test(
     class_names, cat_ids = list(config.data.classes), list(dataset.cat_ids)
     pictures = show_paths(show_dir, [(r.image_id, r.file_name) for r in dataset.records]) if show_dir else {}
     _check_show_dir(pictures, overwrite)
-    model, load_note = load_model_for_test(ckpt, config)
+    model, load_note, config = load_model_for_test(ckpt, config, overrides)
     if load_note and on_load is not None:
         on_load(load_note)
+    dataset.scale = tuple(config.data.scale)  # the scale the model was trained at (checked data, same records)
 
     images = predict_dataset(model.to(device), dataset, device=device, workers=config.data.workers, progress=progress)
     result = coco_evaluate(dataset.coco, images, class_names, cat_ids)

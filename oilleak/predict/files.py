@@ -1,6 +1,7 @@
 """What `oilleak predict` writes for each image, under the output folder:
 
-- ``overlays/NAME.jpg``: the image with masks, outlines, boxes, class names and scores;
+- ``overlays/NAME.jpg``: the image with masks, outlines, boxes, class names and scores; with no instance,
+  a banner: "no leak found at score >= THR (highest score S)";
 - ``instances/NAME.json``: ``{"source", "width", "height", "classes", "score_thr", "leak_area_px",
   "leak_area_share", "leak_area_share_per_class": {class: share}, "instances": [{"class", "label", "score", "box": [x1, y1, x2, y2], "polygons":
   [[[x, y], ...], ...], "area_px", "area_share"}]}``: polygons are the outlines of the mask (one per separate
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from oilleak.predict.instances import Instance
-from oilleak.visualize import draw_instances, paint_mask_crops, save_image
+from oilleak.visualize import banner, draw_instances, paint_mask_crops, save_image
 
 LABELME_VERSION = "5.5.0"  # the format of labelme 5 (description field); labelme 4 and 5 read it
 
@@ -54,9 +55,21 @@ def overlay_image(image: np.ndarray, instances: list[Instance], class_names: lis
                           scores=[i.score for i in instances])
 
 
-def write_overlay(path: Path, image: np.ndarray, instances: list[Instance], class_names: list[str]) -> None:
+def nothing_found(score_thr: float, top_score: float | None) -> str:
+    """What an image (or a run) without an instance at or above ``score_thr`` says; ``top_score``: the
+    highest score the model gave anything below it (None: unknown or nothing at all)."""
+    seen = "" if top_score is None else f" (highest score {top_score:.2f})"
+    return f"no leak found at score >= {score_thr:g}{seen}"
+
+
+def write_overlay(path: Path, image: np.ndarray, instances: list[Instance], class_names: list[str],
+                  score_thr: float = 0.0, top_score: float | None = None) -> None:
+    """The drawn instances; with none, a banner says so (an overlay identical to the photo looks unfinished)."""
+    drawn = overlay_image(image, instances, class_names)
+    if not instances:
+        drawn = banner(drawn, nothing_found(score_thr, top_score))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(overlay_image(image, instances, class_names), path)
+    save_image(drawn, path)
 
 
 def instances_record(source: str, height: int, width: int, instances: list[Instance], polygons: list,

@@ -42,6 +42,8 @@ class PredictReport:
     processed: int = 0
     instances: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    score_thr: float = 0.0
+    top_score: float | None = None  # the highest score of any detection (kept or not); None: unknown
 
 
 def _is_glob(text: str) -> bool:
@@ -123,6 +125,7 @@ class Predictor:
         self.scale = tuple(config.data.scale)
         self.device = device
         self.score_thr = score_thr
+        self.top_score: float | None = None  # highest score of any detection since it was last set to None
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> list[Instance]:
@@ -131,6 +134,9 @@ class Predictor:
         tensor, meta = prepare_image(image, self.scale)
         batch, _ = pad_batch([tensor])
         dets = self.model.predict(batch.to(self.device), [meta], mask_crops=True)[0]  # no full-size mask arrays
+        if len(dets.scores):
+            top = float(dets.scores.max())
+            self.top_score = top if self.top_score is None else max(self.top_score, top)
         return instances_from_detections(dets, self.score_thr)
 
 
@@ -150,14 +156,15 @@ def predict_images(
     from oilleak.data.transforms import load_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = PredictReport(out_dir, failures=list(failures or []))
+    report = PredictReport(out_dir, failures=list(failures or []), score_thr=score_thr)
     summary = files.SummaryCsv(out_dir / "summary.csv", class_names)
     for text, reason in report.failures:
         summary.failed(text, "", reason)
 
-    def finish(source: Source, image: np.ndarray, instances: list[Instance], advance: Callable[[int], None]) -> None:
+    def finish(source: Source, image: np.ndarray, instances: list[Instance], top: float | None,
+               advance: Callable[[int], None]) -> None:
         instances = [fill_holes(inst) for inst in instances]  # outlines describe them (fill_holes)
-        record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme)
+        record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme, top)
         summary.ok(source.name, record)
         report.processed += 1
         report.instances += len(instances)
@@ -176,6 +183,8 @@ def predict_images(
                 image_future = loading
                 if i + 1 < len(sources):
                     loading = loader.submit(load_image, sources[i + 1].path)
+                if isinstance(predict, Predictor):
+                    predict.top_score = None  # this image's (all its tiles')
                 try:
                     image = image_future.result()
                     instances = predict_tiled(image, predict, tile) if tile else predict(image)
@@ -189,9 +198,12 @@ def predict_images(
                     summary.failed(str(source.path), source.name, reason)
                     advance(1)
                     continue
+                top = predict.top_score if isinstance(predict, Predictor) else None
+                if top is not None:
+                    report.top_score = top if report.top_score is None else max(report.top_score, top)
                 if writing is not None:
                     writing.result()  # re-raises the writer's error here
-                writing = writer.submit(finish, source, image, instances, advance)
+                writing = writer.submit(finish, source, image, instances, top, advance)
             if writing is not None:
                 writing.result()
     finally:
@@ -200,11 +212,12 @@ def predict_images(
 
 
 def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: list[Instance],
-                   class_names: list[str], score_thr: float, save_labelme: bool) -> dict:
+                   class_names: list[str], score_thr: float, save_labelme: bool, top_score: float | None) -> dict:
     """Write the image's files; returns its instances record (what instances/NAME.json holds)."""
     height, width = image.shape[:2]
     polygons = [mask_polygons(inst) for inst in instances]
-    files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names)
+    files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names,
+                        score_thr, top_score)
     record = files.instances_record(str(source.path), height, width, instances, polygons, class_names, score_thr)
     files.write_json(out_dir / "instances" / f"{source.name}.json", record)
     if save_labelme:
@@ -224,9 +237,12 @@ def run_predict(
     device: str | None = None,
     progress: bool = True,
     overrides: list[str] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> PredictReport:
-    """`oilleak predict`: the model of an oilleak checkpoint (or of an `oilleak export` .onnx file) over the inputs. Raises OilleakError when no
-    image at all could be predicted (nothing found, or every one unreadable)."""
+    """`oilleak predict`: the model of an oilleak checkpoint (or of an `oilleak export` .onnx file) over the
+    inputs. Raises OilleakError when no image at all could be predicted (nothing found, or every one
+    unreadable). ``say`` gets the notes the user needs before the (long) run: where the outputs go when
+    ``out_dir`` already holds files."""
     from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor, is_onnx_file
     from oilleak.models.checkpoint import model_from_checkpoint
 
@@ -234,7 +250,9 @@ def run_predict(
         raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
     dev = resolve_device(device)
     sources, problems = find_images(inputs, exclude=output_folders(out_dir))
-    out_dir = fresh_dir(out_dir)
+    asked, out_dir = out_dir, fresh_dir(out_dir)
+    if out_dir != asked and say is not None:
+        say(f"{asked} is not empty (oilleak never overwrites files): the outputs go to {out_dir}")
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
         raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")

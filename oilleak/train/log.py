@@ -1,6 +1,8 @@
 """What a training run shows and records (rank 0 only).
 
-- a rich progress bar with ETA, current lr and loss, and a log line every ``train.log_interval`` steps;
+- a rich progress bar with ETA, current lr and loss (plain progress lines when the output is a file), and
+  a log line for the run's first step, every ``train.log_interval`` steps and its last step (the total is
+  ``--max-iters`` when given), so a short or slow run shows and records something from the start;
 - ``log.jsonl`` in the work dir: one JSON object per logged step (``"type": "train"``: window means of the
   loss terms, lr, seconds per step, peak memory) and per evaluation (``"type": "val"``: the metrics);
 - TensorBoard scalars under ``tb/``;
@@ -24,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from oilleak.files import atomic_write
-from oilleak.progress import make_progress
+from oilleak.progress import PlainProgress, make_progress
 
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -60,6 +62,8 @@ class TrainLog:
         self._tb = None
         self._progress: Progress | None = None
         self._task = None
+        self._lines: PlainProgress | None = None  # when the console is not a terminal
+        self._last: tuple[int, int, float] | None = None  # (step, epoch, lr) of the last step seen
 
     def __enter__(self) -> TrainLog:
         if not self.enabled:
@@ -73,11 +77,15 @@ class TrainLog:
         self._progress = make_progress(console=self.console, disable=not self.console.is_terminal, status=True)
         self._progress.start()
         self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step, status="")
+        if not self.console.is_terminal:
+            self._lines = PlainProgress(self.console, self.total_steps, "train", start=self.start_step)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if not self.enabled:
             return
+        if self._window and self._last is not None:  # stopped between log lines (Ctrl-C, SIGTERM, NaN)
+            self._log_window(*self._last)
         self._progress.stop()
         self._tb.close()
         self._file.close()
@@ -109,11 +117,18 @@ class TrainLog:
         self._window["data_time"].append(data_seconds)
         loss = sum(v for k, v in losses.items() if "loss" in k)
         terms = " ".join(f"{name} {value:.3f}" for name, value in grouped_losses(losses).items())
-        self._progress.update(
-            self._task, completed=step, description=f"epoch {epoch}", status=f"lr {lr:.3g}  loss {loss:.4f} ({terms})"
-        )
-        if step % self.log_interval and step != self.total_steps:
-            return
+        status = f"lr {lr:.3g}  loss {loss:.4f} ({terms})"
+        self._progress.update(self._task, completed=step, description=f"epoch {epoch}", status=status)
+        self._last = (step, epoch, lr)
+        if step == self.start_step + 1 or step % self.log_interval == 0 or step >= self.total_steps:
+            self._log_window(step, epoch, lr)
+            if self._lines is not None:
+                self._lines.touch()
+        elif self._lines is not None:
+            self._lines.update(step, f"epoch {epoch}  {status}")
+
+    def _log_window(self, step: int, epoch: int, lr: float) -> None:
+        """One log.jsonl record, TensorBoard scalars and a printed line: the means since the last one."""
         means = {k: sum(v) / len(v) for k, v in self._window.items()}
         self._window.clear()
         means["loss"] = sum(v for k, v in means.items() if "loss" in k)
@@ -136,7 +151,7 @@ class TrainLog:
         self._write({"type": "val", "epoch": epoch, "iter": step, **metrics})
         for key, value in metrics.items():
             self._tb.add_scalar(f"val/{key}", value, step)
-        self.console.print(f"validation after epoch {epoch} (iteration {step}):", highlight=False, markup=False)
+        self.console.print(f"validation at iteration {step} (epoch {epoch}):", highlight=False, markup=False)
         self.console.print(table)
         self.plot()
 

@@ -89,6 +89,15 @@ DIVERGED_FIX = (
 )
 
 
+def diverged_advice(last_good: Path | None, work_dir: Path) -> str:
+    """What to do after a NaN stop: from the last good checkpoint, or, with none, in a fresh work dir (the
+    stopped run's config.yaml and log.jsonl are there, and a fresh training never overwrites them)."""
+    if last_good is not None:
+        return f"the last good checkpoint is {last_good}. {DIVERGED_FIX} or --resume."
+    return (f"no checkpoint was written yet. {DIVERGED_FIX} with another --work-dir, or after emptying {work_dir} "
+            "(it holds this run's config and log, which a new training never overwrites).")
+
+
 class _StopBeforeStep(Exception):
     """A stop was requested and this step cannot (or need not) run: save the state before it."""
 
@@ -192,6 +201,7 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.iteration = 0, 0, 0
         self.best: float | None = None
+        self._evaluated = False  # whether this run evaluated (for the closing advice)
         if checkpoint is not None:
             self._restore_train_state(checkpoint["train_state"], resume_path, total_batch)
         else:
@@ -335,7 +345,9 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.epochs * self.batches.steps_per_epoch
+        """The steps this training will end at: --max-iters when it comes first."""
+        steps = self.cfg.epochs * self.batches.steps_per_epoch
+        return steps if self.options.max_iters is None else min(steps, self.options.max_iters)
 
     def run(self) -> TrainResult:
         stopped_by = None
@@ -358,6 +370,7 @@ class Trainer:
             self.note(f"stopped after --max-iters {self.options.max_iters}; latest checkpoint {self.files.latest}")
         else:
             self.note(f"training finished: {self.iteration} iterations, checkpoints in {self.work_dir}")
+        self.note(self._checkpoint_to_use())
         return TrainResult(self.work_dir, self.iteration, self.epoch, self.best, stopped_by, self.module)
 
     def _run_epoch(self) -> str | None:
@@ -372,10 +385,13 @@ class Trainer:
                     self._save_latest()
                     return outcome
                 if self._reached_max_iters() and self.step_in_epoch < steps:
+                    self._evaluate_at_stop(self.epoch + 1)
                     self._save_latest()
                     return "max-iters"
         saved = self._end_epoch()
         if self._reached_max_iters() and self.epoch < self.cfg.epochs:
+            if not self._evaluates(self.epoch):
+                self._evaluate_at_stop(self.epoch)
             if not saved:
                 self._save_latest()
             return "max-iters"
@@ -469,15 +485,14 @@ class Trainer:
 
     def _diverged(self, what: str) -> TrainingDiverged:
         last = self.files.latest if self.files.latest.is_file() else None
-        saved = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return TrainingDiverged(f"{what}; {saved}. {DIVERGED_FIX}" + (" or --resume." if last else "."))
+        return TrainingDiverged(f"{what}; {diverged_advice(last, self.work_dir)}")
 
     # ------------------------------------------------------------------------------------------ epoch end
 
     def _end_epoch(self) -> bool:
         """Evaluate and checkpoint the epoch just finished; True when it wrote a resumable checkpoint."""
         epoch = self.epoch + 1  # 1-based: the epoch just finished
-        metrics = self._evaluate() if self._evaluates(epoch) else None
+        metrics = self._evaluate(epoch) if self._evaluates(epoch) else None
         score = None if metrics is None else metrics.get(BEST_METRIC)
         improved = score is not None and math.isfinite(score) and (self.best is None or score > self.best)
         if improved:
@@ -498,11 +513,40 @@ class Trainer:
         distributed.barrier(self.runtime)
         return saves_epoch
 
+    def _checkpoint_to_use(self) -> str:
+        """Which file `oilleak test` and `predict` should take, and why when it is not best.pth."""
+        if self.files.best.is_file():
+            return f"checkpoint to test and predict with: {self.files.best} (best validation {BEST_METRIC})"
+        if self.val_set is None:
+            why = "no validation split, so no best.pth"
+        elif self.best is None and self._evaluated:
+            why = f"no best.pth: the validation gave no {BEST_METRIC} (no ground truth in the val split?)"
+        else:
+            why = "no best.pth: stopped before any evaluation"
+        return f"checkpoint to test and predict with: {self.files.latest} ({why})"
+
+    def _evaluate_at_stop(self, epoch: int) -> None:
+        """A run that --max-iters stops between evaluations is evaluated where it stops, so that even a run
+        shorter than an epoch leaves a best.pth to test and predict with (when the val split has images)."""
+        if self.val_set is None:
+            return
+        score = (self._evaluate(epoch) or {}).get(BEST_METRIC)
+        if score is None or not math.isfinite(score) or (self.best is not None and score <= self.best):
+            return
+        self.best = score
+        state = self._train_state()
+        if self.runtime.is_main:
+            path = self.files.save_best(model=self.module, config=self.config, train_state=state)
+            self.note(f"checkpoint {path} (best {BEST_METRIC} so far: {score:.4f})")
+        distributed.barrier(self.runtime)
+
     def _evaluates(self, epoch: int) -> bool:
         return self.val_set is not None and (epoch % self.cfg.eval_interval == 0 or epoch == self.cfg.epochs)
 
-    def _evaluate(self) -> dict[str, float] | None:
-        """Rank 0 evaluates the bare model on the validation split; the others wait for its metrics."""
+    def _evaluate(self, epoch: int) -> dict[str, float] | None:
+        """Rank 0 evaluates the bare model on the validation split; the others wait for its metrics.
+        ``epoch``: the (1-based) epoch the log files the metrics under."""
+        self._evaluated = True
         failure: BaseException | None = None
         outcome: tuple[dict[str, float] | None, str | None] = (None, None)
         if self.runtime.is_main:
@@ -512,11 +556,11 @@ class Trainer:
             try:
                 with self.log.paused():  # the evaluation shows its own progress bar
                     result = evaluate_model(self.module, self.val_set, device=self.runtime.device,
-                                            workers=self.config.data.workers, progress=self.console.is_terminal)
+                                            workers=self.config.data.workers, console=self.console)
                 outcome = (dict(result.metrics), None)
-                self.log.evaluation(epoch=self.epoch + 1, step=self.iteration, metrics=outcome[0], table=result_table(result))
+                self.log.evaluation(epoch=epoch, step=self.iteration, metrics=outcome[0], table=result_table(result))
             except FloatingPointError as exc:  # NaN weights: do not save them
-                failure = self._diverged(f"training stopped after epoch {self.epoch + 1}: evaluating it met NaN ({exc})")
+                failure = self._diverged(f"training stopped at iteration {self.iteration}: evaluating it met NaN ({exc})")
                 outcome = (None, str(failure))
             except Exception as exc:  # noqa: BLE001 - tell the waiting ranks before failing
                 failure, outcome = exc, (None, f"{type(exc).__name__}: {exc}")
