@@ -202,17 +202,19 @@ def test_(
 
     A class without ground truth in the split is shown as "no GT", never as 0.
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
-    Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
+    Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix.
+    On several GPUs or nodes: torchrun --nproc_per_node N -m oilleak test CONFIG CKPT (the same reports)."""
     from oilleak.config import load_config
     from oilleak.engine.evaluate_checkpoint import run_test
-    from oilleak.engine.distributed import resolve_device
 
     cfg = load_config(config, set_ or [])
     outcome = run_test(
         cfg, ckpt, split=split, work_dir=work_dir, show_dir=show_dir, out=out, overwrite=overwrite,
-        device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
+        device=device, on_load=lambda note: console.print(note, markup=False, highlight=False),
         config_name=str(config),
     )
+    if outcome is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     console.print(outcome.result.table())
     console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)
     for path in outcome.written:

@@ -18,8 +18,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from oilleak.engine import distributed
+from oilleak.engine.distributed import Runtime
 from oilleak.engine.progress import progress_bar
 from oilleak.structures import Detections, ImageMeta
 
@@ -218,14 +220,22 @@ def predict_dataset(
     batch_size: int = 1,
     workers: int = 0,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> list[ImageResult]:
-    """Run the model in eval mode over a test-mode dataset (``build_dataset(..., train=False)``)."""
+    """Run the model in eval mode over a test-mode dataset (``build_dataset(..., train=False)``).
+
+    With a distributed ``runtime`` this rank predicts its ``distributed.shard`` of the images only (the
+    results of that shard, in order; ``distributed.unshard`` joins the ranks' parts)."""
     from oilleak.data.dataset import collate
 
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel: inference needs no gradient sync
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    if runtime is not None and runtime.distributed:
+        dataset = Subset(dataset, distributed.shard(len(dataset), runtime))
+    pin = torch.device(device).type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin)
     results: list[ImageResult] = []
     try:
         with torch.inference_mode(), progress_bar(progress, len(dataset), "evaluating") as advance:
