@@ -237,11 +237,16 @@ def predict(
     """Predict images: overlays, instance JSON files, summary.csv, optional labelme files.
 
     Unreadable images are listed and skipped; exit code 0 when at least one image was predicted.
-    --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200]."""
+    --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200].
+    On several GPUs or nodes: torchrun --nproc_per_node N -m oilleak predict CKPT INPUTS (images split between them)."""
     from oilleak.engine.predict import run_predict
+
+    from oilleak.engine.distributed import launched_as_main
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
                          device=device, overrides=set_)
+    if not launched_as_main():  # a torchrun rank other than 0: rank 0 reports the whole run
+        return
     console.print(f"{report.processed} images predicted, {report.instances} instances; outputs in {report.out_dir}",
                   markup=False, highlight=False)
     if report.failures:

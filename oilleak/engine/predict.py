@@ -20,7 +20,7 @@ from torch import nn
 
 from oilleak.config import Config
 from oilleak.engine import prediction_files as files
-from oilleak.engine.distributed import resolve_device
+from oilleak.engine import distributed
 from oilleak.engine.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.engine.progress import progress_bar
 from oilleak.engine.tiling import predict_tiled
@@ -144,13 +144,14 @@ def predict_images(
     save_labelme: bool = False,
     progress: bool = True,
     failures: list[tuple[str, str]] | None = None,
+    summary_name: str = "summary.csv",
 ) -> PredictReport:
     """Predict every source and write its files (module docstring); ``failures`` are listed in the summary."""
     from oilleak.data.transforms import load_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = PredictReport(out_dir, failures=list(failures or []))
-    summary = files.SummaryCsv(out_dir / "summary.csv", class_names)
+    summary = files.SummaryCsv(out_dir / summary_name, class_names)
     for text, reason in report.failures:
         summary.failed(text, "", reason)
     try:
@@ -205,23 +206,47 @@ def run_predict(
     overrides: list[str] | None = None,
 ) -> PredictReport:
     """`oilleak predict`: the model of an oilleak checkpoint over the inputs. Raises OilleakError when no
-    image at all could be predicted (nothing found, or every one unreadable)."""
+    image at all could be predicted (nothing found, or every one unreadable).
+
+    Under torchrun every rank finds the same images and predicts every world_size-th of them into the one
+    output folder rank 0 chose; rank 0 joins the ranks' summary rows into summary.csv (in input order). Every
+    rank returns the report of the whole run."""
     from oilleak.models.checkpoint import model_from_checkpoint
 
     if tile is not None and tile < 64:
         raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
-    dev = resolve_device(device)
+    runtime = distributed.start_if_launched(device)
     sources, problems = find_images(inputs, exclude=output_folders(out_dir))
-    out_dir = fresh_dir(out_dir)
+    out_dir = distributed.from_main(fresh_dir(out_dir), runtime)  # after every rank has looked for inputs
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
         raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")
-    model, config = model_from_checkpoint(ckpt, dev, overrides)
+    model, config = model_from_checkpoint(ckpt, runtime.device, overrides)
     thr = config.predict.score_thr if score_thr is None else score_thr
-    predictor = Predictor(model, config, dev, thr)
-    report = predict_images(predictor, sources, out_dir, list(config.data.classes), score_thr=thr, tile=tile,
-                            save_labelme=save_labelme, progress=progress, failures=problems)
+    predictor = Predictor(model, config, runtime.device, thr)
+    mine = [sources[i] for i in distributed.shard(len(sources), runtime)]
+    report = predict_images(
+        predictor, mine, out_dir, list(config.data.classes), score_thr=thr, tile=tile, save_labelme=save_labelme,
+        progress=progress and runtime.is_main, failures=problems if runtime.is_main else [],
+        summary_name=f"summary.rank{runtime.rank}.csv" if runtime.distributed else "summary.csv",
+    )
+    if runtime.distributed:
+        report = _join_ranks(report, sources, runtime)
+    distributed.stop(runtime)
     if report.processed == 0:
         listed = "\n".join(f"  {text}: {why}" for text, why in report.failures)
         raise OilleakError(f"no image could be predicted:\n{listed}\n(summary in {out_dir / 'summary.csv'})")
     return report
+
+
+def _join_ranks(report: PredictReport, sources: list[Source], runtime: distributed.Runtime) -> PredictReport:
+    """The whole run's report on every rank; rank 0 joins the ranks' summary files into summary.csv, rows in
+    input order (inputs that gave no image first, as in one process)."""
+    reports = distributed.gather((report.processed, report.instances, report.failures), runtime)  # all have written
+    position = {str(s.path): k for k, s in enumerate(sources)}
+    failures = sorted((f for _, _, part in reports for f in part), key=lambda f: position.get(f[0], -1))
+    joined = PredictReport(report.out_dir, sum(r[0] for r in reports), sum(r[1] for r in reports), failures)
+    if runtime.is_main:
+        parts = [report.out_dir / f"summary.rank{rank}.csv" for rank in range(runtime.world_size)]
+        files.join_summaries(parts, report.out_dir / "summary.csv", [s.name for s in sources])
+    return joined
