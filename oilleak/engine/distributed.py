@@ -8,12 +8,14 @@ those variables training runs in one process on one device. On CUDA ranks talk o
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from oilleak.errors import OilleakError
 
@@ -157,6 +159,22 @@ def from_main(obj: Any, runtime: Runtime) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers_from_main(module: torch.nn.Module, runtime: Runtime) -> None:
+    """Rank 0's buffers (e.g. BatchNorm statistics) in ``module`` on every rank."""
+    if runtime.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# DistributedDataParallel's option not to broadcast the buffers before each forward: ``forward_sync_buffers``
+# since torch 2.13 (``broadcast_buffers`` is deprecated there), ``broadcast_buffers`` before.
+NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def barrier(runtime: Runtime) -> None:
