@@ -57,7 +57,7 @@ def shapes4(tmp_path_factory) -> Path:
 def _env() -> dict[str, str]:
     # INFO: a parameter without a gradient (find_unused_parameters is off) fails the next step with its name.
     # DETAIL also checks that the ranks agree on every collective, but torch 2.14.1 on CPU crashes (SIGSEGV) when
-    # it builds any DistributedDataParallel with DETAIL; bench/gpu_check.sh runs this training with DETAIL.
+    # it builds any DistributedDataParallel with DETAIL; bench/gpu_check.sh trains 2 ranks with DETAIL.
     debug = os.environ.get("TORCH_DISTRIBUTED_DEBUG", "INFO")
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "TORCH_DISTRIBUTED_DEBUG": debug}
 
