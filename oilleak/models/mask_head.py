@@ -87,6 +87,9 @@ def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(chosen, targets, reduction="mean")
 
 
+PASTE_CHUNK_BYTES = 256 * 2**20  # working memory of one chunk of masks pasted on the GPU (grid, samples, result)
+
+
 def paste_masks(
     probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, chunk: int | None = None
 ) -> Tensor:
@@ -99,11 +102,12 @@ def paste_masks(
     keeps the result a thin line instead of a stripe across the image (which mmdet's GPU path would paste).
 
     ``chunk``: paste that many masks at a time over the whole image, window applied as a mask, with no
-    host round trip (the default on CUDA, 16): the same pixels, since every pixel is sampled at the same
-    coordinates either way. On the CPU one window per mask is faster and smaller (the default there).
+    host round trip (the default on CUDA: up to 16, fewer on large images, ~13 bytes per pixel and mask
+    within ``PASTE_CHUNK_BYTES``): the same pixels, since every pixel is sampled at the same coordinates
+    either way. On the CPU one window per mask is faster and smaller (the default there).
     """
     if chunk is None and probs.is_cuda:
-        chunk = 16
+        chunk = max(1, min(16, PASTE_CHUNK_BYTES // (13 * image_size[0] * image_size[1])))
     if chunk is not None:
         return _paste_in_chunks(probs, boxes, image_size, threshold, chunk)
     height, width = image_size
