@@ -49,7 +49,7 @@ else
     DEV=cuda
     FIXTURES=.device
     PRESET=detectors_htc_r50
-    SIZE=(1333 800); BATCHES=(1 4 8); RUNS=10; ITERS=10; MAXB=64; LOSS_ITERS=100; CAP=80
+    SIZE=(1333 800); BATCHES=(1 4 8); RUNS=10; ITERS=10; MAXB=64; LOSS_ITERS=100; CAP=60
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD
     PY=python3
@@ -81,7 +81,7 @@ step train_fp32 "$(t 60)" $PY bench/bench_train.py --preset "$PRESET" --size "${
     --iters "$ITERS" --workers 2
 step train_amp "$(t 60)" $PY bench/bench_train.py --preset "$PRESET" --size "${SIZE[@]}" --device "$DEV" --batch-size 2 \
     --iters "$ITERS" --workers 2 --amp
-step max_batch "$(t 100)" $PY bench/bench_gpu_train.py max-batch --preset "$PRESET" --size "${SIZE[@]}" --device "$DEV" \
+step max_batch "$(t 80)" $PY bench/bench_gpu_train.py max-batch --preset "$PRESET" --size "${SIZE[@]}" --device "$DEV" \
     --max-batch "$MAXB" --time-cap "$CAP" --json "$OUT/max_batch.json"
 
 # the peer in the same session: mmdetection 3.3 with mmcv's ops compiled for this GPU
