@@ -130,7 +130,7 @@ def run_oilleak(model, batch: int, height: int, width: int, runs: int, device: t
         reference = model.predict(images, metas)
     identical = all(same_detections(out, reference) for out in outputs)
     gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
-    median = statistics.median(times[1:])
+    median = statistics.median(times[1:] or times)  # runs=0: the warm-up alone (a reference run)
     return {**gpu,
         "precision": precision,
         "batch": batch,
