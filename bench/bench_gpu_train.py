@@ -13,9 +13,10 @@ synthetic images in each precision (strict fp32: TF32 off everywhere; fp32: PyTo
 amp: fp16 autocast + GradScaler; bf16: bfloat16 autocast), and the loss of the last step. A precision that
 changes this loss visibly is not a default.
 
-Both use the full model (``--preset``), random weights, synthetic ``--size`` images with 3 boxes / masks
-each, the 1x schedule's SGD (lr 0.02 / 16 per image, momentum 0.9, weight decay 1e-4); data are built
-once on the device (no loading: that is bench_train.py's part). One JSON line per measurement, a table at
+Both use the full model (``--preset``), random weights (frozen BatchNorm statistics from the batch, as
+``oilleak train`` sets them), synthetic ``--size`` images with 3 boxes / masks each, SGD (momentum 0.9,
+weight decay 1e-4; lr 0 in max-batch: the same work, the weights kept; ``--lr`` in loss-agreement); data
+are built once on the device (no loading: that is bench_train.py's part). One JSON line per measurement, a table at
 the end, ``--json`` for a file.
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from oilleak.config import ModelConfig
+from oilleak.engine.from_scratch import calibrate_frozen_batchnorm
 from oilleak.models.detector import total_loss
 from oilleak.models.presets import build_model
 from oilleak.structures import SEM_IGNORE, ImageMeta, Targets
@@ -70,16 +72,19 @@ def synthetic_batch(batch: int, height: int, width: int, num_classes: int, devic
 class Trainer:
     """The model, its SGD and one training step in a precision."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, batch: int, precision: str):
+    def __init__(self, args: argparse.Namespace, device: torch.device, batch: int, precision: str, lr: float):
         torch.manual_seed(0)
-        self.model = build_model(ModelConfig(preset=args.preset), args.classes).to(device).train()
+        self.model = build_model(ModelConfig(preset=args.preset), args.classes).to(device)
+        self.data = synthetic_batch(batch, args.size[1], args.size[0], args.classes, device)
+        # random weights: the frozen BatchNorms get statistics from the batch, as `oilleak train` does
+        calibrate_frozen_batchnorm(self.model, [self.data[0]])
+        self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=0.02 / 16 * batch, momentum=0.9, weight_decay=1e-4)
+        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
         self.dtype, tf32_matmul, tf32_cudnn, scaled = PRECISIONS[precision]
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_matmul, tf32_cudnn
         self.scaler = torch.amp.GradScaler(device.type, enabled=scaled and device.type == "cuda")
         self.device = device
-        self.data = synthetic_batch(batch, args.size[1], args.size[0], args.classes, device)
 
     def step(self) -> float:
         images, metas, targets = self.data
@@ -108,7 +113,7 @@ def try_batch(args: argparse.Namespace, device: torch.device, batch: int, precis
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        trainer = Trainer(args, device, batch, precision)
+        trainer = Trainer(args, device, batch, precision, lr=0.0)  # lr 0: the same work, weights kept
         trainer.step()  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -119,6 +124,8 @@ def try_batch(args: argparse.Namespace, device: torch.device, batch: int, precis
                    peak_gpu_memory_gb=peak_gb(device), loss=loss)
     except torch.OutOfMemoryError as exc:
         row.update(trains=False, error=f"out of memory: {str(exc).splitlines()[0][:200]}")
+    except Exception as exc:  # reported in the table; the search stops there
+        row.update(trains=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
     del trainer
     return row
 
@@ -145,7 +152,7 @@ def max_batch(args: argparse.Namespace, device: torch.device) -> dict:
 def loss_agreement(args: argparse.Namespace, device: torch.device) -> dict:
     rows = []
     for precision in args.precisions:
-        trainer = Trainer(args, device, args.batch_size, precision)
+        trainer = Trainer(args, device, args.batch_size, precision, lr=args.lr)
         start = time.perf_counter()
         losses = [trainer.step() for _ in range(args.iters)]
         sync(device)
@@ -172,6 +179,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=100, help="loss-agreement: training steps per precision")
     parser.add_argument("--batch-size", type=int, default=2, help="loss-agreement: images per step")
+    parser.add_argument("--lr", type=float, default=0.001, help="loss-agreement: SGD learning rate (random weights)")
     parser.add_argument("--precisions", nargs="+", default=["strict", "fp32", "tf32", "amp", "bf16"], choices=list(PRECISIONS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
