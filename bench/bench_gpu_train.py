@@ -152,19 +152,25 @@ def max_batch(args: argparse.Namespace, device: torch.device) -> dict:
 def loss_agreement(args: argparse.Namespace, device: torch.device) -> dict:
     rows = []
     for precision in args.precisions:
-        trainer = Trainer(args, device, args.batch_size, precision, lr=args.lr)
-        start = time.perf_counter()
-        losses = [trainer.step() for _ in range(args.iters)]
-        sync(device)
-        row = {"mode": precision, "iters": args.iters, "first_loss": losses[0], "last_loss": losses[-1],
-               "mean_last_10": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.perf_counter() - start}
+        start, losses = time.perf_counter(), []
+        try:
+            trainer = Trainer(args, device, args.batch_size, precision, lr=args.lr)
+            for _ in range(args.iters):
+                losses.append(trainer.step())
+            sync(device)
+            del trainer
+            row = {"mode": precision, "iters": args.iters, "first_loss": losses[0], "last_loss": losses[-1],
+                   "mean_last_10": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.perf_counter() - start}
+        except Exception as exc:  # e.g. a NaN: reported, the other precisions still run
+            row = {"mode": precision, "iters": len(losses), "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                   "losses": losses}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del trainer
-    reference = next((r["last_loss"] for r in rows if r["mode"] == "strict"), None)
+    reference = next((r["last_loss"] for r in rows if r["mode"] == "strict" and "last_loss" in r), None)
     if reference is not None:
         for row in rows:
-            row["last_loss_relative_to_strict"] = row["last_loss"] / reference - 1
+            if "last_loss" in row:
+                row["last_loss_relative_to_strict"] = row["last_loss"] / reference - 1
     return {"rows": rows, "batch": args.batch_size}
 
 
@@ -205,6 +211,9 @@ def main() -> None:
         result.update(loss_agreement(args, device))
         print(f"\n| precision | loss at step 1 | loss at step {args.iters} | vs strict fp32 | mean of last 10 | seconds |\n|---|---:|---:|---:|---:|---:|")
         for r in result["rows"]:
+            if "error" in r:
+                print(f"| {r['mode']} | failed after {r['iters']} steps: {r['error'][:100]} | | | | |")
+                continue
             rel = r.get("last_loss_relative_to_strict")
             print(f"| {r['mode']} | {r['first_loss']:.4f} | {r['last_loss']:.4f} | {'' if rel is None else f'{rel:+.2%}'} | "
                   f"{r['mean_last_10']:.4f} | {r['seconds']:.1f} |")
