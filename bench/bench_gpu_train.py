@@ -15,7 +15,7 @@ changes this loss visibly is not a default.
 
 Both use the full model (``--preset``), random weights (frozen BatchNorm statistics from the batch, as
 ``oilleak train`` sets them), synthetic ``--size`` images with 3 boxes / masks each, SGD (momentum 0.9,
-weight decay 1e-4; lr 0 in max-batch: the same work, the weights kept; ``--lr`` in loss-agreement); data
+weight decay 1e-4, gradients clipped at norm 10; lr 0 in max-batch: the same work, the weights kept; ``--lr`` in loss-agreement); data
 are built once on the device (no loading: that is bench_train.py's part). One JSON line per measurement, a table at
 the end, ``--json`` for a file.
 """
@@ -79,8 +79,8 @@ class Trainer:
         # random weights: the frozen BatchNorms get statistics from the batch, as `oilleak train` does
         calibrate_frozen_batchnorm(self.model, [self.data[0]])
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=0.9, weight_decay=1e-4)
         self.dtype, tf32_matmul, tf32_cudnn, scaled = PRECISIONS[precision]
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_matmul, tf32_cudnn
         self.scaler = torch.amp.GradScaler(device.type, enabled=scaled and device.type == "cuda")
@@ -92,6 +92,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
             loss = total_loss(self.model(images, metas, targets))
         self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        # random weights: the first gradients are huge; clipped as configs/demo.yaml trains from scratch
+        torch.nn.utils.clip_grad_norm_(self.params, 10.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
