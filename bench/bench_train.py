@@ -37,7 +37,7 @@ GROUND_TRUTH = [((100, 120, 400, 500), 0), ((600, 200, 900, 700), 3), ((50, 50, 
 
 
 def make_image_dataset(root: Path, width: int, height: int, count: int) -> None:
-    """``count`` random images, each with the peer's ground truth."""
+    """``count`` random images, each with the peer's ground truth (drawn for 1333x800; scaled to other sizes)."""
     (root / "train").mkdir(parents=True)
     (root / "annotations").mkdir()
     rng = np.random.default_rng(0)
@@ -45,7 +45,9 @@ def make_image_dataset(root: Path, width: int, height: int, count: int) -> None:
     for image_id in range(1, count + 1):
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "train" / f"{image_id}.png")
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
-        for (x1, y1, x2, y2), label in GROUND_TRUTH:
+        for box, label in GROUND_TRUTH:
+            x1, x2 = (round(v * width / 1333) for v in box[::2])
+            y1, y2 = (round(v * height / 800) for v in box[1::2])
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1, "iscrowd": 0,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),

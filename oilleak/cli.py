@@ -210,7 +210,8 @@ def test_(
 
     A class without ground truth in the split is shown as "no GT", never as 0.
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
-    Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix."""
+    Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix.
+    On several GPUs or nodes: torchrun --nproc_per_node N -m oilleak test CONFIG CKPT (the same reports)."""
     from oilleak.config import load_config
     from oilleak.distributed import resolve_device
     from oilleak.evaluate.report import result_table
@@ -222,6 +223,8 @@ def test_(
         device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
         config_name=str(config), overrides=set_,
     )
+    if outcome is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     console.print(result_table(outcome.result))
     console.print(f"reports, plots: {outcome.report_dir}", markup=False, highlight=False)
     for path in outcome.written:
@@ -244,12 +247,16 @@ def predict(
     """Predict images: overlays, instance JSON files, summary.csv, optional labelme files.
 
     Unreadable images are listed and skipped; exit code 0 when at least one image was predicted.
-    --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200]."""
+    --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200].
+    On several GPUs or nodes: torchrun --nproc_per_node N -m oilleak predict CKPT INPUTS (images split between them)."""
     from oilleak.predict.predictor import run_predict
+    from oilleak.distributed import launched_as_main
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
                          device=device, overrides=set_,
                          say=lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True))
+    if not launched_as_main():  # a torchrun rank other than 0: rank 0 reports the whole run
+        return
     from oilleak.predict.files import nothing_found
 
     found = f"{report.instances} instances" if report.instances else nothing_found(report.score_thr, report.top_score)

@@ -1,4 +1,4 @@
-"""One process or many: the device, the rank, and the few collectives training needs.
+"""One process or many: the device, the rank, and the few collectives training, test and predict need.
 
 ``torchrun --nproc_per_node N -m oilleak train ...`` starts N copies of the same command and tells each
 its place through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...). Without
@@ -8,12 +8,14 @@ those variables training runs in one process on one device. On CUDA ranks talk o
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from oilleak.errors import OilleakError
 
@@ -84,6 +86,18 @@ def start(requested_device: str | None) -> Runtime:
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def start_if_launched(requested_device: str | None) -> Runtime:
+    """``start`` under torchrun (``WORLD_SIZE`` > 1); a plain run keeps ``--device`` as given (cuda:N too)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return start(requested_device)
+    return Runtime(rank=0, world_size=1, local_rank=0, device=resolve_device(requested_device))
+
+
+def launched_as_main() -> bool:
+    """True in a plain run and in torchrun's rank 0: the process that prints the command's results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def stop(runtime: Runtime) -> None:
     """Leave the process group; only after a clean, agreed end (every rank gets here)."""
     if runtime.distributed and dist.is_initialized():
@@ -107,6 +121,37 @@ def gather(obj: Any, runtime: Runtime) -> list[Any]:
     return out
 
 
+def gather_to_main(obj: Any, runtime: Runtime) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 only (None on the others): results too large to copy
+    to every rank, such as the detections of a whole split."""
+    if not runtime.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def shard(count: int, runtime: Runtime) -> range:
+    """The items of this rank among ``count``: every world_size-th, starting at its rank (sizes differ by at
+    most one, and ``unshard`` restores the original order)."""
+    return range(runtime.rank, count, runtime.world_size)
+
+
+def unshard(parts: list[list[Any]]) -> list[Any]:
+    """The ranks' ``shard`` results (rank order) back in the order of the items."""
+    return [part[i] for i in range(max(map(len, parts), default=0)) for part in parts if i < len(part)]
+
+
+def raise_if_any_failed(error: str | None, runtime: Runtime) -> None:
+    """Every rank reports its error (or None); each raises the first one, naming the rank it came from, so
+    no rank waits in a collective for one that has given up."""
+    errors = gather(error, runtime)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise OilleakError(message if not runtime.distributed else f"rank {rank}: {message}")
+
+
 def from_main(obj: Any, runtime: Runtime) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not runtime.distributed:
@@ -114,6 +159,22 @@ def from_main(obj: Any, runtime: Runtime) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers_from_main(module: torch.nn.Module, runtime: Runtime) -> None:
+    """Rank 0's buffers (e.g. BatchNorm statistics) in ``module`` on every rank."""
+    if runtime.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# DistributedDataParallel's option not to broadcast the buffers before each forward: ``forward_sync_buffers``
+# since torch 2.13 (``broadcast_buffers`` is deprecated there), ``broadcast_buffers`` before.
+NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def barrier(runtime: Runtime) -> None:

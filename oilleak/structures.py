@@ -41,6 +41,9 @@ class Targets:
     def to(self, device: torch.device | str) -> Targets:
         return Targets(*(t.to(device, non_blocking=True) for t in (self.boxes, self.labels, self.masks, self.sem_seg)))
 
+    def pin_memory(self) -> Targets:
+        return Targets(*(t.pin_memory() for t in (self.boxes, self.labels, self.masks, self.sem_seg)))
+
 
 @dataclass
 class Batch:
@@ -53,6 +56,12 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         targets = None if self.targets is None else [t.to(device) for t in self.targets]
         return replace(self, images=self.images.to(device, non_blocking=True), targets=targets)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so that ``to(cuda)`` is an asynchronous copy. ``DataLoader(pin_memory=True)``
+        calls this in its pinning thread; without it the loader passes a dataclass through unpinned."""
+        targets = None if self.targets is None else [t.pin_memory() for t in self.targets]
+        return replace(self, images=self.images.pin_memory(), targets=targets)
 
     def __len__(self) -> int:
         return len(self.metas)

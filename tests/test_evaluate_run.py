@@ -203,3 +203,40 @@ def test_set_values_win_over_the_checkpoints_model_and_scale(data_root):
     assert (used.model.preset, used.model.mask_merge, used.data.scale) == ("detectors_htc_r50_tiny", "last", (256, 160))
     assert used.data.data_root == mine.data.data_root and used.train == mine.train  # the data and the rest: the config's
     assert "model.mask_merge last (the config says mean)" in note and "data.scale [256, 160]" in note
+
+
+def test_torchrun_two_ranks_write_what_one_process_writes(tiny, tmp_path):
+    """`oilleak test` under torchrun on 2 CPU processes (gloo): the images are split between the ranks and
+    rank 0 writes the same metrics.json and detections as one process (one thread each: equal float sums)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from oilleak.config import load_config
+
+    config, ckpt = tiny
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_test(load_config(config), ckpt, work_dir=tmp_path / "one", out=tmp_path / "one.pkl", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "oilleak",
+           "test", str(config), str(ckpt), "--device", "cpu", "--work-dir", str(tmp_path / "two"), "--out",
+           str(tmp_path / "two.pkl")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reports, plots:") == 1  # printed by rank 0 only
+    (report_dir,) = (tmp_path / "two").iterdir()
+    metrics = json.loads((one.report_dir / "metrics.json").read_text())
+    assert metrics["images"] == 3  # an odd count: rank 0 predicts two images, rank 1 one
+    assert json.loads((report_dir / "metrics.json").read_text()) == metrics
+    detections = [pickle.loads((tmp_path / f"{n}.pkl").read_bytes()) for n in ("one", "two")]
+    assert [d["img_id"] for d in detections[1]] == [d["img_id"] for d in detections[0]]  # each once, in order
+    for mine, theirs in zip(*detections):
+        assert mine["masks"] == theirs["masks"]
+        for key in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(mine[key], theirs[key])

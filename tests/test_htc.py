@@ -217,6 +217,25 @@ def test_paste_into_windows_keeps_only_the_box_surroundings():
         assert int(mask.sum()) == int(crop.sum())  # nothing outside the window
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pasting_in_chunks_gives_the_pixels_of_pasting_one_by_one(dtype):
+    # the chunked path (CUDA's default) against the per-mask window path, on random masks and boxes: small,
+    # large, fractional, zero-width / -height, partly or wholly outside the image
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.rand(23, 28, 28, generator=generator)
+    xy = torch.rand(23, 2, generator=generator, dtype=torch.float64) * torch.tensor([90.0, 70.0]) - 10
+    wh = torch.rand(23, 2, generator=generator, dtype=torch.float64) * torch.tensor([60.0, 40.0])
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[3, 2] = boxes[3, 0]  # zero width
+    boxes[4, 3] = boxes[4, 1]  # zero height
+    boxes[5] = torch.tensor([100.0, 10.0, 120.0, 30.0], dtype=torch.float64)  # right of the image
+    boxes = boxes.to(dtype)
+    one_by_one = paste_masks(probs, boxes, (60, 80), 0.5)
+    assert one_by_one.any() and not one_by_one[5].any()
+    for chunk in (1, 5, 64):
+        assert torch.equal(paste_masks(probs, boxes, (60, 80), 0.5, chunk=chunk), one_by_one), chunk
+
+
 def test_mask_targets_crop_resize_and_clip():
     gt = torch.zeros(2, 56, 56, dtype=torch.bool)
     gt[0, :, :28] = True  # left half

@@ -209,3 +209,39 @@ def test_set_changes_the_stored_config_for_one_run(ckpt, sample_dir, tmp_path):
     assert result.exit_code == 2 and "cannot change data.classes" in result.output
     result = runner.invoke(app, ["predict", str(ckpt), str(image), "--set", "model.max_per_imgs=3"])
     assert result.exit_code == 2 and "did you mean 'model.max_per_img'" in result.output
+
+
+def test_torchrun_two_ranks_write_what_one_process_writes(ckpt, sample_dir, tmp_path):
+    """`oilleak predict` under torchrun on 2 CPU processes (gloo): the images are split between the ranks,
+    every file is written once, and the folder equals one process's (one thread each: equal float sums)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for src in sorted(sample_dir.glob("*.jpg"))[6:9]:
+        shutil.copy(src, folder / src.name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")  # sorted last: a failure on rank 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_predict(ckpt, [str(folder), str(tmp_path / "missing")], out_dir=tmp_path / "one", score_thr=0.0,
+                          device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "oilleak",
+           "predict", str(ckpt), str(folder), str(tmp_path / "missing"), "--out-dir", str(tmp_path / "two"),
+           "--score-thr", "0", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("3 images predicted") == 1  # the whole run, reported by rank 0 only
+    assert one.processed == 3 and len(one.failures) == 2
+    written = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file()}
+    assert {p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file()} == written
+    for path in written:
+        if path.suffix != ".jpg":  # summary.csv (one row per input, in input order) and instances/*.json
+            assert (tmp_path / "two" / path).read_text() == (tmp_path / "one" / path).read_text(), path
+    rows = (tmp_path / "two" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 and "missing" in rows[1] and "broken.jpg" in rows[5]

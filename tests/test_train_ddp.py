@@ -55,7 +55,30 @@ def shapes4(tmp_path_factory) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    # INFO: a parameter without a gradient (find_unused_parameters is off) fails the next step with its name.
+    # DETAIL also checks that the ranks agree on every collective, but torch 2.14.1 on CPU crashes (SIGSEGV) when
+    # it builds any DistributedDataParallel with DETAIL; bench/gpu_check.sh trains 2 ranks with DETAIL.
+    debug = os.environ.get("TORCH_DISTRIBUTED_DEBUG", "INFO")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "TORCH_DISTRIBUTED_DEBUG": debug}
+
+
+def test_a_batch_without_ground_truth_gives_every_trainable_parameter_a_gradient():
+    """Why DistributedDataParallel runs with find_unused_parameters=False: no parameter is left out of a step,
+    even when no image of the batch has an object (the mask heads get an empty loss, as in mmdet)."""
+    from oilleak.models.presets import PRESETS, build_from_spec
+    from oilleak.structures import ImageMeta, Targets
+
+    torch.manual_seed(0)
+    model = build_from_spec(PRESETS["detectors_htc_r50_tiny"](2)).train()
+    meta = ImageMeta(image_id=0, file_name="x.png", ori_shape=(96, 96), img_shape=(96, 96), pad_shape=(96, 96),
+                     scale_factor=(1.0, 1.0))
+    nothing = Targets(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                      masks=torch.zeros(0, 96, 96, dtype=torch.bool), sem_seg=torch.zeros(96, 96, dtype=torch.uint8))
+    losses = model(torch.randn(1, 3, 96, 96), [meta], [nothing])
+    sum(v for k, v in losses.items() if "loss" in k).backward()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any(name.startswith("roi_head.mask_head.2.") for name in trainable)
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_two_ranks_train_the_same_model(shapes4, tmp_path):

@@ -19,8 +19,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from oilleak import distributed
+from oilleak.distributed import Runtime
 from oilleak.progress import progress_bar
 from oilleak.structures import Detections, ImageMeta
 
@@ -215,14 +217,22 @@ def predict_dataset(
     workers: int = 0,
     progress: bool = True,
     console: Console | None = None,
+    runtime: Runtime | None = None,
 ) -> list[ImageResult]:
-    """Run the model in eval mode over a test-mode dataset (``build_dataset(..., train=False)``)."""
+    """Run the model in eval mode over a test-mode dataset (``build_dataset(..., train=False)``).
+
+    With a distributed ``runtime`` this rank predicts its ``distributed.shard`` of the images only (the
+    results of that shard, in order; ``distributed.unshard`` joins the ranks' parts)."""
     from oilleak.data.dataset import collate
 
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel: inference needs no gradient sync
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    if runtime is not None and runtime.distributed:
+        dataset = Subset(dataset, distributed.shard(len(dataset), runtime))
+    pin = torch.device(device).type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin)
     results: list[ImageResult] = []
     try:
         with torch.inference_mode(), progress_bar(progress, len(dataset), "evaluating", console) as advance:

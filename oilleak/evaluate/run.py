@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
+from oilleak import distributed
 from oilleak.errors import OilleakError
 from oilleak.evaluate.coco_eval import EvalResult, ImageResult, coco_evaluate, predict_dataset
 from oilleak.evaluate.confusion import MATCH_IOU, confusion_matrix
@@ -204,29 +205,48 @@ def run_test(
     show_dir: Path | None = None,
     out: Path | None = None,
     overwrite: bool = False,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = "cpu",
     progress: bool = True,
     on_load: Callable[[str], None] | None = None,
     config_name: str = "your config",
     overrides: list[str] | None = None,
-) -> TestOutcome:
+) -> TestOutcome | None:
     """Evaluate ``ckpt`` on ``split`` and write everything (module docstring); ``on_load`` receives the
     weight-load report of an mmdetection checkpoint, or what an oilleak checkpoint changed of the config,
     before the (long) inference starts; ``config_name`` is how data errors refer to the config file;
-    ``overrides`` are the ``--set`` values (they win over the checkpoint's model and scale)."""
+    ``overrides`` are the ``--set`` values (they win over the checkpoint's model and scale).
+
+    Under torchrun each rank predicts every world_size-th image (and draws its ``show_dir`` pictures); rank 0
+    gathers the detections, evaluates and writes the reports and ``out``, the same files as one process
+    writes. Rank 0 returns the outcome, the other ranks None."""
     from oilleak.data.dataset import build_dataset
 
+    runtime = distributed.start_if_launched(None if device is None else str(device))
     check_out_path(out, overwrite)
     dataset = build_dataset(config.data, split, train=False, config_name=config_name)
     class_names, cat_ids = list(config.data.classes), list(dataset.cat_ids)
     pictures = show_paths(show_dir, [(r.image_id, r.file_name) for r in dataset.records]) if show_dir else {}
     _check_show_dir(pictures, overwrite)
     model, load_note, config = load_model_for_test(ckpt, config, overrides)
-    if load_note and on_load is not None:
+    if load_note and on_load is not None and runtime.is_main:
         on_load(load_note)
     dataset.scale = tuple(config.data.scale)  # the scale the model was trained at (checked data, same records)
 
-    images = predict_dataset(model.to(device), dataset, device=device, workers=config.data.workers, progress=progress)
+    error = None
+    try:
+        images = predict_dataset(model.to(runtime.device), dataset, device=runtime.device, workers=config.data.workers,
+                                 progress=progress and runtime.is_main, runtime=runtime)
+    except OilleakError as exc:  # e.g. an unreadable image: every rank stops with it instead of waiting
+        images, error = [], str(exc)
+    distributed.raise_if_any_failed(error, runtime)
+    if show_dir is not None:
+        write_pictures(dataset, images, pictures, class_names, config.predict.score_thr, progress and runtime.is_main)
+    parts = distributed.gather_to_main(images, runtime)
+    distributed.stop(runtime)
+    if parts is None:
+        return None
+    images = distributed.unshard(parts)
+
     result = coco_evaluate(dataset.coco, images, class_names, cat_ids)
     report_dir = _report_dir(Path(work_dir or config.train.work_dir))
     thr = config.predict.score_thr
@@ -247,6 +267,5 @@ def run_test(
         write_detections(out, images, cat_ids)
         written.append(out)
     if show_dir is not None:
-        write_pictures(dataset, images, pictures, class_names, thr, progress)
         written.append(show_dir)
     return TestOutcome(result, report_dir, written)

@@ -163,3 +163,21 @@ class SummaryCsv:
 
     def close(self) -> None:
         self._file.close()
+
+
+def join_summaries(parts: list[Path], path: Path, names: list[str]) -> None:
+    """One summary.csv from the ranks' part files (then removed): the rows of inputs that gave no image
+    (empty name) first, then the images in the order of ``names``."""
+    header, rows = None, []
+    for part in parts:
+        with part.open(newline="", encoding="utf-8") as f:
+            header, *part_rows = list(csv.reader(f))
+        rows += part_rows
+    order = {name: k for k, name in enumerate(names)}
+    rows.sort(key=lambda row: order.get(row[1], -1))  # stable: the no-image rows keep their order
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    tmp.replace(path)
+    for part in parts:
+        part.unlink()

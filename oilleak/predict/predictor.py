@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
+from oilleak import distributed
 from oilleak.predict import files
-from oilleak.distributed import resolve_device
 from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
-from oilleak.progress import progress_bar
 from oilleak.predict.tiling import predict_tiled
+from oilleak.progress import progress_bar
 from oilleak.errors import OilleakError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -151,13 +151,14 @@ def predict_images(
     save_labelme: bool = False,
     progress: bool = True,
     failures: list[tuple[str, str]] | None = None,
+    summary_name: str = "summary.csv",
 ) -> PredictReport:
     """Predict every source and write its files (module docstring); ``failures`` are listed in the summary."""
     from oilleak.data.transforms import load_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = PredictReport(out_dir, failures=list(failures or []), score_thr=score_thr)
-    summary = files.SummaryCsv(out_dir / "summary.csv", class_names)
+    summary = files.SummaryCsv(out_dir / summary_name, class_names)
     for text, reason in report.failures:
         summary.failed(text, "", reason)
 
@@ -242,16 +243,21 @@ def run_predict(
     """`oilleak predict`: the model of an oilleak checkpoint (or of an `oilleak export` .onnx file) over the
     inputs. Raises OilleakError when no image at all could be predicted (nothing found, or every one
     unreadable). ``say`` gets the notes the user needs before the (long) run: where the outputs go when
-    ``out_dir`` already holds files."""
+    ``out_dir`` already holds files.
+
+    Under torchrun every rank finds the same images and predicts every world_size-th of them into the one
+    output folder rank 0 chose; rank 0 joins the ranks' summary rows into summary.csv (in input order). Every
+    rank returns the report of the whole run."""
     from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor, is_onnx_file
     from oilleak.models.checkpoint import model_from_checkpoint
 
     if tile is not None and tile < 64:
         raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
-    dev = resolve_device(device)
+    runtime = distributed.start_if_launched(device)
     sources, problems = find_images(inputs, exclude=output_folders(out_dir))
-    asked, out_dir = out_dir, fresh_dir(out_dir)
-    if out_dir != asked and say is not None:
+    asked = out_dir
+    out_dir = distributed.from_main(fresh_dir(out_dir), runtime)  # after every rank has looked for inputs
+    if out_dir != asked and say is not None and runtime.is_main:
         say(f"{asked} is not empty (oilleak never overwrites files): the outputs go to {out_dir}")
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
@@ -263,12 +269,34 @@ def run_predict(
         thr, classes = (onnx_model.score_thr if score_thr is None else score_thr), onnx_model.classes
         predictor = OnnxPredictor(onnx_model, thr)
     else:
-        model, config = model_from_checkpoint(ckpt, dev, overrides)
+        model, config = model_from_checkpoint(ckpt, runtime.device, overrides)
         thr, classes = (config.predict.score_thr if score_thr is None else score_thr), list(config.data.classes)
-        predictor = Predictor(model, config, dev, thr)
-    report = predict_images(predictor, sources, out_dir, classes, score_thr=thr, tile=tile,
-                            save_labelme=save_labelme, progress=progress, failures=problems)
+        predictor = Predictor(model, config, runtime.device, thr)
+    mine = [sources[i] for i in distributed.shard(len(sources), runtime)]
+    report = predict_images(
+        predictor, mine, out_dir, classes, score_thr=thr, tile=tile, save_labelme=save_labelme,
+        progress=progress and runtime.is_main, failures=problems if runtime.is_main else [],
+        summary_name=f"summary.rank{runtime.rank}.csv" if runtime.distributed else "summary.csv",
+    )
+    if runtime.distributed:
+        report = _join_ranks(report, sources, runtime)
+    distributed.stop(runtime)
     if report.processed == 0:
         listed = "\n".join(f"  {text}: {why}" for text, why in report.failures)
         raise OilleakError(f"no image could be predicted:\n{listed}\n(summary in {out_dir / 'summary.csv'})")
     return report
+
+
+def _join_ranks(report: PredictReport, sources: list[Source], runtime: distributed.Runtime) -> PredictReport:
+    """The whole run's report on every rank; rank 0 joins the ranks' summary files into summary.csv, rows in
+    input order (inputs that gave no image first, as in one process)."""
+    reports = distributed.gather((report.processed, report.instances, report.failures, report.top_score), runtime)
+    position = {str(s.path): k for k, s in enumerate(sources)}  # every rank has written its files by now
+    failures = sorted((f for _, _, part, _ in reports for f in part), key=lambda f: position.get(f[0], -1))
+    tops = [r[3] for r in reports if r[3] is not None]
+    joined = PredictReport(report.out_dir, sum(r[0] for r in reports), sum(r[1] for r in reports), failures,
+                           report.score_thr, max(tops) if tops else None)
+    if runtime.is_main:
+        parts = [report.out_dir / f"summary.rank{rank}.csv" for rank in range(runtime.world_size)]
+        files.join_summaries(parts, report.out_dir / "summary.csv", [s.name for s in sources])
+    return joined

@@ -276,9 +276,14 @@ class Trainer:
             self._calibrate_batchnorm(model)
         self.module = model  # the bare model: checkpoints and evaluation
         if self.runtime.distributed:
-            # find_unused_parameters: a batch of negatives (no ground truth) leaves the mask heads unused.
+            # Every trainable parameter gets a gradient in every step (a batch without ground truth reaches the
+            # mask heads through an empty mask loss), so DDP need not search the graph for unused ones. Every
+            # BatchNorm is frozen: its statistics (set from each rank's own batches when calibrated) are made
+            # rank 0's once here instead of being broadcast before every forward.
+            distributed.broadcast_buffers_from_main(model, self.runtime)
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+            model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False,
+                                            **distributed.NO_BUFFER_BROADCAST)
         self.model = model
         self.model.train()
 
