@@ -198,8 +198,8 @@ def test_cli_test_names_the_config_file_in_data_errors(data_root, tmp_path):
 def test_set_values_win_over_the_checkpoints_model_and_scale(data_root):
     trained = make_config(data_root, mask_merge="last")
     trained.data.scale = (512, 320)
-    mine = make_config(data_root, preset="detectors_htc_r50")
-    used, note = evaluate_checkpoint._from_checkpoint(mine, trained, ["data.scale=[256,160]", "train.lr=0.1"])
+    mine = make_config(data_root, preset="detectors_htc_r50", mask_merge="mean")
+    used, note = evaluate_run._from_checkpoint(mine, trained, ["data.scale=[256,160]", "train.lr=0.1"])
     assert (used.model.preset, used.model.mask_merge, used.data.scale) == ("detectors_htc_r50_tiny", "last", (256, 160))
     assert used.data.data_root == mine.data.data_root and used.train == mine.train  # the data and the rest: the config's
     assert "model.mask_merge last (the config says mean)" in note and "data.scale [256, 160]" in note
