@@ -1,4 +1,4 @@
-"""What runs after the ONNX graph, in numpy only (no PyTorch): the image's resize before it, and after it
+"""What runs around the ONNX graph, numpy and OpenCV only (no PyTorch): the image's resize before it, and after it
 the boxes back to the original image and each 28x28 mask probability pasted at its box.
 
 The paste is ``oilleak.models.mask_head.paste_masks`` (mmdet's CPU ``_do_paste_mask``) written as two small
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
-from PIL import Image
 
 
 def fit_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -22,11 +22,12 @@ def fit_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]
 
 
 def resize_for_graph(image: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
-    """(H, W, 3) RGB uint8 -> the graph's input (bilinear, Pillow) and its (w, h) scale factor."""
+    """(H, W, 3) RGB uint8 -> the graph's input and its (w, h) scale factor; resized as the PyTorch path and
+    mmdetection resize (OpenCV's bilinear, no antialiasing), so the graph sees the pixels a checkpoint saw."""
     height, width = image.shape[:2]
     new_w, new_h = fit_size(width, height, scale)
     if (new_w, new_h) != (width, height):
-        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(image), (new_w / width, new_h / height)
 
 
