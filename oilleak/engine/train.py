@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from oilleak.config import Config, save_config
 from oilleak.engine import distributed
 from oilleak.engine.distributed import Runtime
-from oilleak.engine.from_scratch import calibrate_frozen_batchnorm
+from oilleak.engine.from_scratch import calibrate_frozen_batchnorm, resolve_backbone_norm, train_batchnorm
 from oilleak.engine.schedule import build_optimizer, choose_lr, lr_at, set_lr
 from oilleak.engine.stop_signals import StopSignals
 from oilleak.engine.train_data import EpochBatches, train_loader
@@ -261,7 +261,10 @@ class Trainer:
                 )
         pretrained = checkpoint is not None or self._load_initial_weights(model)
         model.to(self.runtime.device)
-        if not pretrained:
+        if resolve_backbone_norm(self.cfg) == "batch":
+            train_batchnorm(model)
+            self.note("backbone BatchNorm trains on batch statistics (train.backbone_norm)")
+        elif not pretrained:
             self._calibrate_batchnorm(model)
         self.module = model  # the bare model: checkpoints and evaluation
         if self.runtime.distributed:

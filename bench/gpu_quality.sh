@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Quality on real photos in one call of a lent GPU machine (also runs on CPU with small budgets):
+#   1. the demo's checkpoint: the tiny preset trained from scratch on BSData minus the demo's sample
+#      (sample/bsdata) for $DEMO_S seconds, saved as a float16 state dict $OUT/tiny_bsdata_fp16.pth;
+#   2. oilleak's full preset on the 80/20 BSData split for $BUDGET_S seconds of training, mask / box AP at
+#      $EVALS points ($OUT/quality_full.{json,png});
+#   3. the peer, ultralytics YOLO11n-seg from scratch, on the same split for the same budget
+#      ($OUT/quality_yolo11n.{json,png}, scored by oilleak's evaluator), and both curves in one PNG.
+# Run from the repository root. Needs, beside the image's torch / torchvision / numpy / pillow / opencv /
+# matplotlib / pyyaml / rich / typer: .device/whl/*.whl (oilleak's missing wheels: pycocotools, pydantic,
+# pydantic-core, annotated-types, typing-inspection; the peer's: ultralytics, ultralytics-thop, polars,
+# polars-runtime-32), and the BSData folder at $BSDATA.
+#   BUDGET_S=90 DEMO_S=120 DEVICE=cuda OUT=$OUT bash bench/gpu_quality.sh
+set -u
+OUT=${OUT:-gpu_out}
+DEVICE=${DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-90}
+DEMO_S=${DEMO_S:-120}
+EVALS=${EVALS:-3}
+BSDATA=${BSDATA:-../shared/data/bsdata/train}
+FULL_SCALE=${FULL_SCALE:-"1333 800"}
+YOLO_IMGSZ=${YOLO_IMGSZ:-1344}
+DEMO_SCALE=${DEMO_SCALE:-"512 320"}
+WORKERS=${WORKERS:-4}
+SPLIT=/tmp/oilleak-bench-bsdata-split
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg YOLO_OFFLINE=1
+if compgen -G ".device/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+PY=${PY:-python3}
+YOLO_PY=${YOLO_PY:-$PY}
+start=$SECONDS
+log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/quality_summary.txt"; }
+
+log "demo checkpoint: tiny preset, ${DEMO_S} s on $DEVICE"
+$PY bench/bench_quality.py --preset tiny --device "$DEVICE" --budget-s "$DEMO_S" --evals 2 --scale $DEMO_SCALE \
+    --workers "$WORKERS" --labelme "$BSDATA" --exclude sample/bsdata --split-dir /tmp/oilleak-demo-split \
+    --val-fraction 0.1 --out "$OUT/demo_tiny.json" --save-weights "$OUT/tiny_bsdata_fp16.pth" 2>&1 | tail -n 8
+log "demo checkpoint: exit ${PIPESTATUS[0]}"
+
+log "oilleak full preset: ${BUDGET_S} s on $DEVICE"
+$PY bench/bench_quality.py --preset full --device "$DEVICE" --budget-s "$BUDGET_S" --evals "$EVALS" \
+    --scale $FULL_SCALE --workers "$WORKERS" --labelme "$BSDATA" --split-dir "$SPLIT" \
+    --out "$OUT/quality_full.json" 2>&1 | tail -n 8
+log "oilleak full: exit ${PIPESTATUS[0]}"
+
+log "YOLO11n-seg: ${BUDGET_S} s on $DEVICE"
+$YOLO_PY bench/bench_quality_yolo.py --model yolo11n-seg.yaml --device "$DEVICE" --budget-s "$BUDGET_S" \
+    --evals "$EVALS" --imgsz "$YOLO_IMGSZ" --workers "$WORKERS" --split-dir "$SPLIT" \
+    --out "$OUT/quality_yolo11n.json" 2>&1 | tail -n 8
+log "YOLO11n: exit ${PIPESTATUS[0]}"
+$PY bench/bench_quality.py --score-peer "$OUT/quality_yolo11n.raw.json" --out "$OUT/quality_yolo11n.json" 2>&1 | tail -n 3
+$PY bench/bench_quality.py --plot "$OUT/quality_full.json" "$OUT/quality_yolo11n.json" --out "$OUT/quality_curves.png"
+rm -rf "$OUT"/*.work "$OUT"/*.yolo  # work dirs: checkpoints and YOLO's copies, too big to bring back
+log "done"
