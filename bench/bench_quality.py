@@ -80,7 +80,7 @@ def build_config(args: argparse.Namespace, data_root: Path, work_dir: Path) -> C
         "model": {"preset": PRESETS[args.preset]},
         # A budget, not a schedule: a long single-step schedule, so the lr never decays within the budget.
         "train": {"epochs": 1000, "milestones": [1000], "lr": args.lr, "base_batch_size": args.batch_size,
-                  "warmup_iters": args.warmup, "grad_clip": args.grad_clip, "work_dir": str(work_dir),
+                  "warmup_iters": args.warmup, "grad_clip": args.grad_clip or None, "work_dir": str(work_dir),
                   "log_interval": 10, "seed": args.seed},
     }
     return config_from_dict(config, "bench_quality", args.set)
@@ -95,9 +95,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, nargs=2, default=(1333, 800), metavar=("LONG", "SHORT"))
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.01, help="lr for --batch-size images per step")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--grad-clip", type=float, default=35.0)
+    parser.add_argument("--grad-clip", type=float, default=35.0, help="0: no clipping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")

@@ -57,12 +57,12 @@ def write_yolo_dataset(split_dir: Path, out: Path) -> Path:
     return data_yaml
 
 
-def predict_val(model: torch.nn.Module, split_dir: Path, imgsz: int, device: str) -> list[dict]:
+def predict_val(model: torch.nn.Module, model_yaml: str, split_dir: Path, imgsz: int, device: str) -> list[dict]:
     """Predictions of one EMA copy on the val images, as oilleak's ImageResult fields."""
     from ultralytics import YOLO
 
     coco = json.loads((split_dir / "annotations" / "val.json").read_text(encoding="utf-8"))
-    yolo = YOLO(model.yaml if isinstance(model.yaml, str) else "yolo11n-seg.yaml", task="segment")
+    yolo = YOLO(model_yaml, task="segment")
     yolo.model = model.float().eval()
     out = []
     for img in coco["images"]:
@@ -136,7 +136,7 @@ def main() -> None:
     curve = []
     for trained, iters, snapshot in snapshots:
         t = time.perf_counter()
-        images = predict_val(snapshot, args.split_dir, args.imgsz, device)
+        images = predict_val(snapshot, args.model, args.split_dir, args.imgsz, device)
         curve.append({"train_s": round(trained, 1), "iteration": iters, "eval_s": round(time.perf_counter() - t, 1),
                       "images": images})
     import ultralytics

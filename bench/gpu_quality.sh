@@ -22,7 +22,10 @@ FULL_SCALE=${FULL_SCALE:-"1333 800"}
 YOLO_IMGSZ=${YOLO_IMGSZ:-1344}
 DEMO_SCALE=${DEMO_SCALE:-"512 320"}
 WORKERS=${WORKERS:-4}
-SPLIT=/tmp/oilleak-bench-bsdata-split
+FULL_PRESET=${FULL_PRESET:-full}  # tiny: the CPU smoke test of this script
+VAL_FRACTION=${VAL_FRACTION:-0.2}  # 0.2: the stated 80/20 split; smaller only for a smoke test
+SPLIT=${SPLIT:-/tmp/oilleak-bench-bsdata-split}
+DEMO_SPLIT=${DEMO_SPLIT:-/tmp/oilleak-demo-split}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg YOLO_OFFLINE=1
 if compgen -G ".device/whl/*.whl" >/dev/null; then
@@ -36,21 +39,28 @@ log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/quality_summary.txt"; 
 
 log "demo checkpoint: tiny preset, ${DEMO_S} s on $DEVICE"
 $PY bench/bench_quality.py --preset tiny --device "$DEVICE" --budget-s "$DEMO_S" --evals 2 --scale $DEMO_SCALE \
-    --workers "$WORKERS" --labelme "$BSDATA" --exclude sample/bsdata --split-dir /tmp/oilleak-demo-split \
-    --val-fraction 0.1 --out "$OUT/demo_tiny.json" --save-weights "$OUT/tiny_bsdata_fp16.pth" 2>&1 | tail -n 8
+    --workers "$WORKERS" --labelme "$BSDATA" --exclude sample/bsdata --split-dir "$DEMO_SPLIT" \
+    --val-fraction "$(python3 -c "print(min(0.1, $VAL_FRACTION))")" --out "$OUT/demo_tiny.json" --save-weights "$OUT/tiny_bsdata_fp16.pth" 2>&1 | tail -n 8
 log "demo checkpoint: exit ${PIPESTATUS[0]}"
 
-log "oilleak full preset: ${BUDGET_S} s on $DEVICE"
-$PY bench/bench_quality.py --preset full --device "$DEVICE" --budget-s "$BUDGET_S" --evals "$EVALS" \
-    --scale $FULL_SCALE --workers "$WORKERS" --labelme "$BSDATA" --split-dir "$SPLIT" \
+log "oilleak $FULL_PRESET preset: ${BUDGET_S} s on $DEVICE"
+$PY bench/bench_quality.py --preset "$FULL_PRESET" --val-fraction "$VAL_FRACTION" --device "$DEVICE" --budget-s "$BUDGET_S" --evals "$EVALS" \
+    --scale $FULL_SCALE --workers "$WORKERS" --labelme "$BSDATA" --split-dir "$SPLIT" --lr 0.005 --grad-clip 35 \
     --out "$OUT/quality_full.json" 2>&1 | tail -n 8
-log "oilleak full: exit ${PIPESTATUS[0]}"
+log "oilleak $FULL_PRESET: exit ${PIPESTATUS[0]}"
 
 log "YOLO11n-seg: ${BUDGET_S} s on $DEVICE"
 $YOLO_PY bench/bench_quality_yolo.py --model yolo11n-seg.yaml --device "$DEVICE" --budget-s "$BUDGET_S" \
     --evals "$EVALS" --imgsz "$YOLO_IMGSZ" --workers "$WORKERS" --split-dir "$SPLIT" \
     --out "$OUT/quality_yolo11n.json" 2>&1 | tail -n 8
 log "YOLO11n: exit ${PIPESTATUS[0]}"
+if [ "${NAN_CHECK:-1}" = 1 ]; then  # the NaN of issue 17: frozen BatchNorm, bsdata.yaml's old recipe
+    log "NaN check: $FULL_PRESET preset, frozen BatchNorm, lr 0.02 at batch 2, warmup 500, no clipping, ${NAN_S:-30} s"
+    $PY bench/bench_quality.py --preset "$FULL_PRESET" --val-fraction "$VAL_FRACTION" --device "$DEVICE" \
+        --budget-s "${NAN_S:-30}" --evals 1 --scale $FULL_SCALE --workers "$WORKERS" --labelme "$BSDATA" \
+        --split-dir "$SPLIT" --lr 0.02 --warmup 500 --grad-clip 0 --set train.backbone_norm=frozen \
+        --out "$OUT/nan_check_frozen.json" 2>&1 | tail -n 4
+fi
 $PY bench/bench_quality.py --score-peer "$OUT/quality_yolo11n.raw.json" --out "$OUT/quality_yolo11n.json" 2>&1 | tail -n 3
 $PY bench/bench_quality.py --plot "$OUT/quality_full.json" "$OUT/quality_yolo11n.json" --out "$OUT/quality_curves.png"
 rm -rf "$OUT"/*.work "$OUT"/*.yolo  # work dirs: checkpoints and YOLO's copies, too big to bring back
