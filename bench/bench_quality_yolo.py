@@ -97,6 +97,7 @@ def main() -> None:
         sys.exit(f"{args.split_dir} holds no COCO split: run bench/bench_quality.py (it makes the split) first")
     from ultralytics import YOLO
 
+    device = "0" if args.device == "cuda" else args.device.replace("cuda:", "")  # ultralytics' device names
     work = args.out.with_suffix(".yolo")
     data_yaml = write_yolo_dataset(args.split_dir, work / "dataset")
     points = [args.budget_s * (k + 1) / args.evals for k in range(args.evals)]
@@ -126,13 +127,12 @@ def main() -> None:
     model.add_callback("on_train_batch_end", on_batch_end)
     start = time.perf_counter()
     model.train(data=str(data_yaml), epochs=1000, time=args.budget_s * 1.05 / 3600, imgsz=args.imgsz,
-                batch=args.batch_size, device=args.device, workers=args.workers, val=False, plots=False, amp=False,
+                batch=args.batch_size, device=device, workers=args.workers, val=False, plots=False, amp=False,
                 pretrained=False, project=str(work), name="train", exist_ok=True, seed=0, verbose=False)
     setup_s = time.perf_counter() - start
     if points and clock["start"] is not None:  # ultralytics stopped a little early: the final model is the last point
         trained = time.perf_counter() - clock["start"] - clock["paused"]
         snapshots.append((trained, clock["iters"], copy.deepcopy(model.trainer.ema.ema).cpu()))
-    device = args.device if args.device != "cuda" else "0"
     curve = []
     for trained, iters, snapshot in snapshots:
         t = time.perf_counter()
