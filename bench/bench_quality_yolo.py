@@ -122,7 +122,13 @@ def main() -> None:
                 trainer.stop = True
                 trainer.args.time = 1e-9  # ultralytics leaves the batch loop when its time is up
 
+    def without_polars(trainer) -> None:
+        # the metrics ultralytics stores in its checkpoints are read back with polars, which the GPU image
+        # lacks (and whose 40 MB wheel is not carried); nothing here needs them
+        trainer.read_results_csv = lambda: {}
+
     model = YOLO(args.model, task="segment")
+    model.add_callback("on_pretrain_routine_start", without_polars)
     model.add_callback("on_train_start", on_train_start)
     model.add_callback("on_train_batch_end", on_batch_end)
     start = time.perf_counter()
