@@ -165,6 +165,7 @@ def main() -> None:
         "split": f"{args.labelme} -> oilleak convert --val-fraction {args.val_fraction} --seed 0"
                  + (f", excluding {args.exclude}" if args.exclude else ""),
         "train_images": len(trainer.train_set), "val_images": len(trainer.val_set),
+        "parameters": sum(p.numel() for p in trainer.module.parameters()),
         "config": config.to_dict(), "curve": curve, "diverged": diverged,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
