@@ -84,8 +84,9 @@ class TrainingDiverged(OilleakError):
 
 
 DIVERGED_FIX = (
-    "Lower train.lr (or drop --auto-scale-lr), lengthen train.warmup_iters, or clip gradients "
-    "(--set train.grad_clip=35), then start again"
+    "From random weights keep train.backbone_norm at auto or batch (frozen BatchNorm has no ImageNet statistics "
+    "to hold and drifts); clip gradients (--set train.grad_clip=35), lengthen train.warmup_iters, or lower "
+    "train.lr (or drop --auto-scale-lr), then start again"
 )
 
 
