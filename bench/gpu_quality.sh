@@ -8,8 +8,10 @@
 #      ($OUT/quality_yolo11n.{json,png}, scored by oilleak's evaluator), and both curves in one PNG.
 # Run from the repository root. Needs, beside the image's torch / torchvision / numpy / pillow / opencv /
 # matplotlib / pyyaml / rich / typer: .device/whl/*.whl (oilleak's missing wheels: pycocotools, pydantic,
-# pydantic-core, annotated-types, typing-inspection; the peer's: ultralytics, ultralytics-thop, polars,
-# polars-runtime-32), and the BSData folder at $BSDATA.
+# pydantic-core, annotated-types, typing-inspection, typing-extensions, typer, annotated-doc, as for
+# gpu_check.sh; the peer's: ultralytics 8.4.190, ultralytics-platform, ultralytics-thop; polars is not needed),
+# and the BSData folder at $BSDATA (e.g. a copy of ../shared/data/bsdata/train in .device/bsdata, 38 MB).
+# On a GPU machine the peer shares the image's Python (no venv there); on CPU, bench/setup_yolo_peer.sh.
 #   BUDGET_S=60 DEMO_S=90 DEVICE=cuda OUT=$OUT bash bench/gpu_quality.sh     (about 6 minutes on an H200; STEPS="demo full"
 #   runs a subset; NAN_S=20 the NaN check of the old from-scratch recipe)
 set -u
