@@ -125,6 +125,7 @@ def main() -> None:
     config = build_config(args, data_root, work_dir)
     console = Console(quiet=True)
     runtime = distributed.start(args.device)
+    started_on = machine()
     points = [args.budget_s * (k + 1) / args.evals for k in range(args.evals)]
     curve: list[dict] = []
     trained_s, diverged = 0.0, None
@@ -161,7 +162,7 @@ def main() -> None:
                 print(diverged, flush=True)
     result = {
         "tool": "oilleak", "preset": config.model.preset, "budget_s": args.budget_s, "setup_s": round(setup_s, 1),
-        "device": str(runtime.device), "machine": machine(), "command": " ".join([sys.executable, *sys.argv]),
+        "device": str(runtime.device), "machine": started_on, "command": " ".join([sys.executable, *sys.argv]),
         "split": f"{args.labelme} -> oilleak convert --val-fraction {args.val_fraction} --seed 0"
                  + (f", excluding {args.exclude}" if args.exclude else ""),
         "train_images": len(trainer.train_set), "val_images": len(trainer.val_set),
