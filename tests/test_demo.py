@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from oilleak.cli import app
-
 from oilleak.config import ModelConfig
 from oilleak.engine.demo import DEMO_WEIGHTS, MARKER, prepare_output
 from oilleak.errors import OilleakError
