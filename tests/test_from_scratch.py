@@ -12,9 +12,10 @@ from oilleak.models.resnet import ResNet
 
 
 def test_auto_is_mmdet_frozen_norm_with_weights_and_trained_norm_from_scratch():
-    assert resolve_backbone_norm(TrainConfig()) == "batch"
-    assert resolve_backbone_norm(TrainConfig(load_from="x.pth")) == "frozen"
-    assert resolve_backbone_norm(TrainConfig(backbone_weights="resnet50.pth")) == "frozen"
+    assert resolve_backbone_norm(TrainConfig()) == "frozen"  # the default, measured better on the shapes test
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="auto")) == "batch"
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="auto", load_from="x.pth")) == "frozen"
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="auto", backbone_weights="resnet50.pth")) == "frozen"
     assert resolve_backbone_norm(TrainConfig(backbone_norm="frozen")) == "frozen"
     assert resolve_backbone_norm(TrainConfig(load_from="x.pth", backbone_norm="batch")) == "batch"
 
