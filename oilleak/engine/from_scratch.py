@@ -1,6 +1,6 @@
 """Starting from random weights: BatchNorm that trains, or frozen BatchNorm with measured statistics.
 
-``train.backbone_norm`` "batch" (the default from scratch, ``resolve_backbone_norm``) makes every backbone
+``train.backbone_norm`` "batch" (opt-in; "auto" picks it without loaded weights, ``resolve_backbone_norm``) makes every backbone
 BatchNorm train on batch statistics and unfreezes the stem and stage 1 (``train_batchnorm``). Frozen
 BatchNorm with statistics measured on a few batches at the start (below) leaves the normalisation fixed while
 the random weights under it change fast in the first hundreds of steps; the activations then drift by orders

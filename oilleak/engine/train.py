@@ -84,9 +84,8 @@ class TrainingDiverged(OilleakError):
 
 
 DIVERGED_FIX = (
-    "From random weights keep train.backbone_norm at auto or batch (frozen BatchNorm has no ImageNet statistics "
-    "to hold and drifts); clip gradients (--set train.grad_clip=35), lengthen train.warmup_iters, or lower "
-    "train.lr (or drop --auto-scale-lr), then start again"
+    "Clip gradients (--set train.grad_clip=35), lengthen train.warmup_iters, or lower train.lr (or drop "
+    "--auto-scale-lr); from random weights train.backbone_norm=batch is an experimental alternative. Then start again"
 )
 
 
