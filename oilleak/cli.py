@@ -349,11 +349,11 @@ def demo(
 ) -> None:
     """The whole pipeline on the bundled sample in a few minutes on a CPU: convert, check, train a tiny
     DetectoRS briefly, evaluate it, and write prediction overlays."""
-    from oilleak.demo import prepare_output, sample_dir, trained_checkpoint, write_demo_config
+    from oilleak.demo import prepare_output, sample_dir, trained_checkpoint, weights_story, write_demo_config
 
     source = sample_dir(sample)
     prepare_output(out)
-    steps = ("convert the labelme sample", "check the dataset", "train a tiny DetectoRS (configs/demo.yaml)",
+    steps = ("convert the labelme sample", "check the dataset", "fine-tune the demo's tiny DetectoRS (configs/demo.yaml)",
              "evaluate it on the val split", "predict the val images")
     step = iter(f"[bold]demo {i}/{len(steps)}[/]: {s}" for i, s in enumerate(steps, 1))
     console.rule(next(step))
@@ -375,9 +375,7 @@ def demo(
     console.print(
         f"Everything is in {out}: data/ (COCO layout), gallery/ (ground truth), train/ (checkpoints, log.jsonl, "
         "loss_curve.png), test/ (metrics, PR curves, confusion matrix, ground truth beside prediction), "
-        "predictions/ (overlays, instance JSON, summary.csv, labelme files).\n"
-        "The tiny model, trained for 16 iterations from random weights, only shows the pipeline working; "
-        "real training uses configs/oilleak.yaml on a GPU with ImageNet or COCO weights (README).",
+        "predictions/ (overlays, instance JSON, summary.csv, labelme files).\n" + weights_story(),
         markup=False, highlight=False,
     )
 

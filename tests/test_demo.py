@@ -6,12 +6,15 @@ import csv
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from oilleak.cli import app
-from oilleak.demo import MARKER, prepare_output
+from oilleak.config import ModelConfig
+from oilleak.demo import DEMO_WEIGHTS, MARKER, prepare_output
 from oilleak.errors import OilleakError
-from oilleak.models.checkpoint import load_checkpoint
+from oilleak.models.checkpoint import load_checkpoint, load_weights
+from oilleak.models.presets import build_model
 
 
 @pytest.mark.slow
@@ -30,6 +33,8 @@ def test_demo_runs_convert_check_train_test_predict(tmp_path):
     # train: a checkpoint that carries its config and classes
     ckpt = load_checkpoint(out / "train" / "latest.pth")
     assert ckpt["classes"] == ["Pitting"] and ckpt["config"]["model"]["preset"] == "detectors_htc_r50_tiny"
+    if DEMO_WEIGHTS.is_file():
+        assert ckpt["config"]["train"]["load_from"] == str(DEMO_WEIGHTS)  # fine-tuned from the shipped weights
     assert (out / "train" / "loss_curve.png").is_file()
     # test: metrics and pictures
     (report_dir,) = (out / "test").glob("test-*")
@@ -40,6 +45,20 @@ def test_demo_runs_convert_check_train_test_predict(tmp_path):
         assert len(list(csv.DictReader(f))) == 2
     assert len(list((out / "predictions" / "overlays").iterdir())) == 2
     assert len(list((out / "predictions" / "labelme").glob("*.json"))) == 2
+    assert ("not an oil-leak detector" if DEMO_WEIGHTS.is_file() else "are missing") in result.output  # what it is
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights in this checkout (bench/gpu_quality.sh makes them)")
+def test_demo_weights_are_small_float16_with_their_story_and_fit_the_tiny_preset():
+    assert DEMO_WEIGHTS.stat().st_size < 13e6  # the tiny preset's 5.9 M parameters in float16
+    saved = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
+    assert {v.dtype for v in saved["state_dict"].values() if v.is_floating_point()} == {torch.float16}
+    assert {"made_by", "split", "iterations", "train_images", "val_segm_mAP"} <= saved["meta"].keys()
+    assert "sample/bsdata" in saved["meta"]["split"]  # the demo's own images were left out
+    model = build_model(ModelConfig(preset="detectors_htc_r50_tiny"), num_classes=1)
+    report = load_weights(model, DEMO_WEIGHTS)
+    assert not report.skipped and not report.missing and not report.unexpected
+    assert len(report.loaded) == len(model.state_dict())
 
 
 def test_demo_output_folder_is_its_own(tmp_path):

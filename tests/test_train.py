@@ -51,7 +51,9 @@ def test_choose_lr_auto_scale_and_hint():
     assert lr == 0.02
     assert "--auto-scale-lr" in line and "0.005" in line  # the hint names the scaled lr
     lr, line = choose_lr(cfg, total_batch=16, auto_scale=False)
-    assert lr == 0.02 and "--auto-scale-lr" not in line
+    assert lr == 0.02 and "--auto-scale-lr" not in line and "warning" not in line
+    lr, line = choose_lr(cfg, total_batch=2, auto_scale=False)  # configs/oilleak.yaml on one GPU
+    assert line.startswith("warning: lr 0.02 for a total batch of 2, 8x fewer") and "0.0025" in line
 
 
 def test_optimizer_takes_only_trainable_parameters():

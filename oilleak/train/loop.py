@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from oilleak.config import Config, save_config
 from oilleak import distributed
 from oilleak.distributed import Runtime
-from oilleak.train.from_scratch import calibrate_frozen_batchnorm
+from oilleak.train.from_scratch import calibrate_frozen_batchnorm, resolve_backbone_norm, train_batchnorm
 from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, set_lr
 from oilleak.train.stop_signals import StopSignals
 from oilleak.train.sample_order import EpochBatches, train_loader
@@ -84,8 +84,8 @@ class TrainingDiverged(OilleakError):
 
 
 DIVERGED_FIX = (
-    "Lower train.lr (or drop --auto-scale-lr), lengthen train.warmup_iters, or clip gradients "
-    "(--set train.grad_clip=35), then start again"
+    "Clip gradients (--set train.grad_clip=35), lengthen train.warmup_iters, or lower train.lr (or drop "
+    "--auto-scale-lr); from random weights train.backbone_norm=batch is an experimental alternative. Then start again"
 )
 
 
@@ -272,7 +272,10 @@ class Trainer:
                 )
         pretrained = checkpoint is not None or self._load_initial_weights(model)
         model.to(self.runtime.device)
-        if not pretrained:
+        if resolve_backbone_norm(self.cfg) == "batch":
+            train_batchnorm(model)
+            self.note("backbone BatchNorm trains on batch statistics (train.backbone_norm)")
+        elif not pretrained:
             self._calibrate_batchnorm(model)
         self.module = model  # the bare model: checkpoints and evaluation
         if self.runtime.distributed:

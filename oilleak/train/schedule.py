@@ -39,6 +39,8 @@ def choose_lr(cfg: TrainConfig, total_batch: int, auto_scale: bool) -> tuple[flo
             f"base batch {cfg.base_batch_size})"
         )
     line = f"lr {cfg.lr:g} for a total batch of {total_batch}"
+    if total_batch * 4 <= cfg.base_batch_size:  # said before the first step, not after a divergence
+        line = "warning: " + line + f", {cfg.base_batch_size // total_batch}x fewer images per step than train.lr is meant for"
     if total_batch != cfg.base_batch_size:
         scaled = cfg.lr * total_batch / cfg.base_batch_size
         line += (

@@ -1,0 +1,41 @@
+"""Training from random weights: which backbone normalisation a run gets, and that "batch" really trains it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from oilleak.config import ModelConfig, TrainConfig
+from oilleak.train.from_scratch import resolve_backbone_norm, train_batchnorm
+from oilleak.models.presets import build_model
+from oilleak.models.resnet import ResNet
+
+
+def test_auto_is_mmdet_frozen_norm_with_weights_and_trained_norm_from_scratch():
+    assert resolve_backbone_norm(TrainConfig()) == "frozen"  # the default, measured better on the shapes test
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="auto")) == "batch"
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="auto", load_from="x.pth")) == "frozen"
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="auto", backbone_weights="resnet50.pth")) == "frozen"
+    assert resolve_backbone_norm(TrainConfig(backbone_norm="frozen")) == "frozen"
+    assert resolve_backbone_norm(TrainConfig(load_from="x.pth", backbone_norm="batch")) == "batch"
+
+
+def test_train_batchnorm_unfreezes_both_resnets_and_their_statistics_move():
+    model = build_model(ModelConfig(preset="detectors_htc_r50_tiny"), num_classes=1)
+    resnets = [m for m in model.modules() if isinstance(m, ResNet)]
+    assert len(resnets) == 2  # the backbone and the RFP's second ResNet
+    stem = resnets[0].bn1
+    assert not resnets[0].conv1.weight.requires_grad  # mmdet's frozen stem, as built
+
+    train_batchnorm(model)
+    model.train()
+    norms = [m for r in resnets for m in r.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(n.training for n in norms)
+    assert all(p.requires_grad for r in resnets for p in r.parameters())
+    before = stem.running_mean.clone()
+    torch.manual_seed(0)
+    model.extract_feat(torch.randn(1, 3, 96, 96) * 3 + 1)
+    assert not torch.equal(stem.running_mean, before)  # batch statistics were used and collected
+
+    model.eval()  # evaluation uses the running statistics, as with frozen BatchNorm
+    assert not any(n.training for n in norms)
