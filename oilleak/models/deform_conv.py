@@ -116,7 +116,8 @@ def deform_conv2d_from_table(
         rows.view(-1, 4), table, mode="sum", per_sample_weights=weights.view(-1, 4)
     ).view(n, ho * wo, taps * channels)
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)
-    out = columns @ kernel.t()  # (N, Ho*Wo, O)
+    with torch.autocast(device.type, enabled=False):  # the input's dtype, as torchvision's kernel keeps it
+        out = columns @ kernel.t()  # (N, Ho*Wo, O)
     return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
 
 
