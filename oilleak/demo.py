@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "bsdata"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 MARKER = ".oilleak-demo"
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "demo_weights" / "tiny_bsdata_fp16.pth"
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights" / "tiny_bsdata_fp16.pth"
 
 
 def prepare_output(out: Path) -> None:

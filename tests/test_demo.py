@@ -33,22 +33,22 @@ def test_demo_runs_convert_check_train_test_predict(tmp_path):
     # train: a checkpoint that carries its config and classes
     ckpt = load_checkpoint(out / "train" / "latest.pth")
     assert ckpt["classes"] == ["Pitting"] and ckpt["config"]["model"]["preset"] == "detectors_htc_r50_tiny"
-    if DEMO_WEIGHTS.is_file():
-        assert ckpt["config"]["train"]["load_from"] == str(DEMO_WEIGHTS)  # fine-tuned from the shipped weights
+    assert ckpt["config"]["train"]["load_from"] == str(DEMO_WEIGHTS)  # fine-tuned from the shipped weights
     assert (out / "train" / "loss_curve.png").is_file()
     # test: metrics and pictures
     (report_dir,) = (out / "test").glob("test-*")
-    assert "segm_mAP" in json.loads((report_dir / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((report_dir / "metrics.json").read_text())["metrics"]
+    assert metrics["segm_mAP"] > 0 and metrics["bbox_mAP"] > 0  # the shipped weights find the sample's pitting
     assert len(list((out / "test" / "show").glob("*.jpg"))) == 2
     # predict: overlays, instance files and labelme files for the 2 val images
     with open(out / "predictions" / "summary.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and sum(int(r["instances"]) for r in rows) > 0
     assert len(list((out / "predictions" / "overlays").iterdir())) == 2
     assert len(list((out / "predictions" / "labelme").glob("*.json"))) == 2
-    assert ("not an oil-leak detector" if DEMO_WEIGHTS.is_file() else "are missing") in result.output  # what it is
+    assert "not an oil-leak detector" in " ".join(result.output.split())  # the demo says what the model is
 
 
-@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights in this checkout (bench/gpu_quality.sh makes them)")
 def test_demo_weights_are_small_float16_with_their_story_and_fit_the_tiny_preset():
     assert DEMO_WEIGHTS.stat().st_size < 13e6  # the tiny preset's 5.9 M parameters in float16
     saved = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
