@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -40,21 +39,7 @@ from oilleak.models.layers import ConvAWS2d
 from oilleak.models.presets import build_model
 from oilleak.structures import Detections, ImageMeta
 
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def same_detections(a: list[Detections], b: list[Detections]) -> bool:
-    return all(
-        torch.equal(x.boxes, y.boxes) and torch.equal(x.scores, y.scores) and torch.equal(x.labels, y.labels)
-        and torch.equal(x.masks, y.masks)
-        for x, y in zip(a, b, strict=True)
-    )
+from bench_inference import cpu_model, same_detections  # bench/ is the script's folder: on sys.path
 
 
 def set_precision(precision: str) -> tuple[torch.dtype | None, bool, bool]:
