@@ -58,7 +58,7 @@ def test_semantic_classes_and_mask_merge_follow_the_mmdet_dict(fixtures_dir):
         model = model_from_mmdet_config({**config, "roi_head": roi_head}, mask_merge="mean")
     assert model.roi_head.semantic_head.conv_logits.out_channels == 183
     assert model.roi_head.bbox_head[0].fc_cls.out_features == 7  # 6 classes + background
-    assert model.roi_head.mask_merge == "mean"
+    assert model.roi_head.inference.mask_merge == "mean"
 
 
 # ------------------------------------------------------------------------------------------------ init

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler
 from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, roi_levels
 from oilleak.models.mask_head import HTCMaskHead, mask_targets, paste_mask_crops, paste_masks
+from oilleak.models.presets import InferenceSpec, RoIHeadSpec
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import ImageMeta, Targets
 
@@ -33,7 +35,8 @@ def _tiny_head(mask_merge: str = "mean", samples_per_image: int = 64) -> HybridT
         semantic_head=FusedSemanticHead(num_classes=CLASSES + 1, in_channels=CHANNELS, conv_out_channels=CHANNELS),
         assigners=[MaxIoUAssigner(pos_iou_thr=t, neg_iou_thr=t, min_pos_iou=t) for t in thresholds],
         samplers=[RandomSampler(num=samples_per_image, pos_fraction=0.25, add_gt_as_proposals=True) for _ in thresholds],
-        mask_merge=mask_merge,
+        layout=RoIHeadSpec(semantic_num_classes=CLASSES + 1),  # HTC's stages and RoI geometry
+        inference=InferenceSpec(mask_merge=mask_merge),
     )
 
 
@@ -179,7 +182,7 @@ def test_mask_merge_mean_is_the_mean_of_the_stages_sigmoids():
     expected = by_hand >= 0.5
     assert torch.equal(masks[0, :, :28], expected[0, 2])
     assert torch.equal(masks[1, :, 2:], expected[1, 0])
-    head.mask_merge = "last"
+    head.inference = replace(head.inference, mask_merge="last")
     last = head.finish(detections, stage_logits, [meta])[0].masks
     assert torch.equal(last[0, :, :28], torch.sigmoid(stage_logits[2][0, 2]) >= 0.5)
     assert not torch.equal(last, masks)

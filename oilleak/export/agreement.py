@@ -121,7 +121,7 @@ def stage_errors(model: torch.nn.Module, onnx_model: OnnxModel, image: np.ndarra
         boxes, labels = torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["labels"]).long()
         if len(boxes):
             stage_logits = head.mask_cascade(feats, semantic_feat, [boxes])
-            if head.mask_merge == "mean":
+            if head.inference.mask_merge == "mean":
                 probs = torch.stack([logits.sigmoid() for logits in stage_logits]).mean(dim=0)
             else:
                 probs = stage_logits[-1].sigmoid()

@@ -125,9 +125,9 @@ class DetectorGraph(nn.Module):
             trace += [boxes, cls_logits, deltas]
             boxes = clip_to_image(head.bbox_head[stage].box_coder.decode(boxes, deltas), image_hw)
         scores = torch.softmax(sum(logits) / len(logits), dim=1)[:, :-1]  # background is the last column
-        roi_index, labels = (scores > head.score_thr).nonzero(as_tuple=True)
+        roi_index, labels = (scores > head.inference.score_thr).nonzero(as_tuple=True)
         candidates, candidate_scores = boxes[roi_index], scores[roi_index, labels]
-        keep = class_wise_nms(candidates, candidate_scores, labels, head.nms_iou)[: head.max_per_img]
+        keep = class_wise_nms(candidates, candidate_scores, labels, head.inference.nms_iou)[: head.inference.max_per_img]
         return candidates[keep], candidate_scores[keep], labels[keep]
 
     def masks(self, feats: list[Tensor], semantic_feat: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
@@ -138,7 +138,7 @@ class DetectorGraph(nn.Module):
         for mask_head in head.mask_head:
             previous = mask_head.features(roi_feats, previous)
             probs.append(mask_head.logits(previous).sigmoid())
-        merged = torch.stack(probs).mean(dim=0) if head.mask_merge == "mean" else probs[-1]
+        merged = torch.stack(probs).mean(dim=0) if head.inference.mask_merge == "mean" else probs[-1]
         index = labels[:, None, None, None].expand(-1, 1, merged.shape[-2], merged.shape[-1])
         return merged.gather(1, index)[:, 0]
 

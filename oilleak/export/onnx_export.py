@@ -114,7 +114,7 @@ def export_checkpoint(
     output_names = list(OUTPUT_NAMES)
     dynamic_axes = {name: {0: "detections"} for name in OUTPUT_NAMES}
     if stages:
-        extra = stage_output_names(model.roi_head.num_stages, len(model.roi_head.featmap_strides) + 1)
+        extra = stage_output_names(model.roi_head.num_stages, len(model.roi_head.layout.featmap_strides) + 1)
         output_names += extra
         dynamic_axes.update({name: {0: "rois"} for name in extra if not name.startswith("p")})
         dynamic_axes.update({name: {2: f"{name}_height", 3: f"{name}_width"} for name in extra if name.startswith("p")})
@@ -153,8 +153,8 @@ def _set_metadata(graph, config, checkpoint: Path, model) -> None:
         "oilleak.mean": json.dumps(list(MEAN)),
         "oilleak.std": json.dumps(list(STD)),
         "oilleak.score_thr": str(config.predict.score_thr),
-        "oilleak.mask_thr": str(head.mask_thr),
-        "oilleak.mask_merge": head.mask_merge,
+        "oilleak.mask_thr": str(head.inference.mask_thr),
+        "oilleak.mask_merge": head.inference.mask_merge,
         "oilleak.version": oilleak.__version__,
         "oilleak.checkpoint": Path(checkpoint).name,
         "oilleak.checkpoint_sha256": file_sha256(Path(checkpoint)),

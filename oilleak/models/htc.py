@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler, SamplingResult
 from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_mask_crops, paste_masks
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import CroppedDetections, Detections, ImageMeta, Targets
+
+if TYPE_CHECKING:  # the specs' module builds this head from them
+    from oilleak.models.presets import InferenceSpec, RoIHeadSpec
 
 
 def boxes_to_rois(boxes_per_image: Sequence[Tensor]) -> Tensor:
@@ -92,7 +95,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
     feats: the neck's levels (P2..P6; the RoI heads read P2..P5 and the semantic head all of them).
     Attribute names (``bbox_head.{t}``, ``mask_head.{t}``, ``semantic_head``) match mmdet's state dict.
 
-    Test settings: ``score_thr`` (strict ``>``), class-wise NMS at ``nms_iou``, at most ``max_per_img``
+    Test settings (``inference``): ``score_thr`` (strict ``>``), class-wise NMS at ``nms_iou``, at most ``max_per_img``
     detections, masks binarised at ``mask_thr``; ``mask_merge`` 'last' uses the last stage only (mmdet 3.3, the
     default), 'mean' averages the three stages' mask probabilities (HTC paper, mmdet 2.x, the published numbers).
     """
@@ -105,40 +108,24 @@ class HybridTaskCascadeRoIHead(nn.Module):
         semantic_head: FusedSemanticHead,
         assigners: Sequence[MaxIoUAssigner],
         samplers: Sequence[RandomSampler],
-        stage_loss_weights: Sequence[float] = (1.0, 0.5, 0.25),
-        featmap_strides: Sequence[int] = (4, 8, 16, 32),
-        semantic_stride: int = 8,
-        finest_scale: float = 56.0,
-        bbox_roi_size: int = 7,
-        mask_roi_size: int = 14,
-        score_thr: float = 0.001,
-        nms_iou: float = 0.5,
-        max_per_img: int = 100,
-        mask_thr: float = 0.5,
-        mask_merge: Literal["mean", "last"] = "last",
+        layout: RoIHeadSpec,
+        inference: InferenceSpec,
     ) -> None:
+        """``layout``: the stages (their loss weights) and the RoI geometry (feature strides, finest scale, RoI
+        sizes, semantic stride), ``inference``: the test settings; both the presets' spec objects, whole."""
         super().__init__()
-        per_stage = {len(bbox_heads), len(mask_heads), len(assigners), len(samplers), len(stage_loss_weights)}
+        per_stage = {len(bbox_heads), len(mask_heads), len(assigners), len(samplers), len(layout.stages)}
         if len(per_stage) != 1:
-            raise ValueError("bbox_heads, mask_heads, assigners, samplers and stage_loss_weights need one entry per stage")
-        if mask_merge not in ("mean", "last"):
-            raise ValueError(f"mask_merge must be 'mean' or 'last', not {mask_merge!r}")
+            raise ValueError("bbox_heads, mask_heads, assigners, samplers and layout.stages need one entry per stage")
+        if inference.mask_merge not in ("mean", "last"):
+            raise ValueError(f"mask_merge must be 'mean' or 'last', not {inference.mask_merge!r}")
         self.bbox_head = nn.ModuleList(bbox_heads)
         self.mask_head = nn.ModuleList(mask_heads)
         self.semantic_head = semantic_head
         self.assigners = list(assigners)
         self.samplers = list(samplers)
-        self.stage_loss_weights = tuple(stage_loss_weights)
-        self.featmap_strides = tuple(featmap_strides)
-        self.semantic_stride = semantic_stride
-        self.finest_scale = finest_scale
-        self.bbox_roi_size = bbox_roi_size
-        self.mask_roi_size = mask_roi_size
-        self.score_thr = score_thr
-        self.nms_iou = nms_iou
-        self.max_per_img = max_per_img
-        self.mask_thr = mask_thr
-        self.mask_merge = mask_merge
+        self.layout = layout
+        self.inference = inference
 
     @property
     def num_stages(self) -> int:
@@ -148,21 +135,21 @@ class HybridTaskCascadeRoIHead(nn.Module):
     # shared by training and inference
 
     def _semantic_rois(self, semantic_feat: Tensor, rois: Tensor, size: int) -> Tensor:
-        pooled = roi_align(semantic_feat, rois, self.mask_roi_size, 1.0 / self.semantic_stride, 0, True)
+        pooled = roi_align(semantic_feat, rois, self.layout.mask_roi_size, 1.0 / self.layout.semantic_stride, 0, True)
         # box features are 7x7: the 14x14 semantic RoI features are average-pooled to match
-        return pooled if size == self.mask_roi_size else F.adaptive_avg_pool2d(pooled, size)
+        return pooled if size == self.layout.mask_roi_size else F.adaptive_avg_pool2d(pooled, size)
 
     def run_box_head(self, stage: int, feats: Sequence[Tensor], semantic_feat: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Stage ``stage``'s box head on (R, 5) RoIs -> ((R, K + 1) logits, (R, 4) deltas)."""
-        size = self.bbox_roi_size
-        roi_feats = multilevel_roi_align(feats, rois, size, self.featmap_strides, self.finest_scale)
+        size = self.layout.bbox_roi_size
+        roi_feats = multilevel_roi_align(feats, rois, size, self.layout.featmap_strides, self.layout.finest_scale)
         roi_feats = roi_feats + self._semantic_rois(semantic_feat, rois, size)
         return self.bbox_head[stage](roi_feats)
 
     def mask_roi_features(self, feats: Sequence[Tensor], semantic_feat: Tensor, rois: Tensor) -> Tensor:
         """(R, C, 14, 14) mask RoI features with the semantic RoI features added (shared by all stages)."""
-        size = self.mask_roi_size
-        roi_feats = multilevel_roi_align(feats, rois, size, self.featmap_strides, self.finest_scale)
+        size = self.layout.mask_roi_size
+        roi_feats = multilevel_roi_align(feats, rois, size, self.layout.featmap_strides, self.layout.finest_scale)
         return roi_feats + self._semantic_rois(semantic_feat, rois, size)
 
     def _decode_per_image(
@@ -199,7 +186,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
         boxes = [p[:, :4].detach() for p in proposals]
         for stage in range(self.num_stages):
             stage_losses, boxes = self._stage_loss(stage, feats, semantic_feat, boxes, metas, targets)
-            weight = self.stage_loss_weights[stage]
+            weight = self.layout.stages[stage].loss_weight
             for name, value in stage_losses.items():
                 losses[f"s{stage}.{name}"] = value * weight if "loss" in name else value
         return losses
@@ -312,9 +299,9 @@ class HybridTaskCascadeRoIHead(nn.Module):
 
     def _nms(self, boxes: Tensor, scores: Tensor) -> BoxDetections:
         object_scores = scores[:, :-1]  # background is the last column
-        roi_index, labels = (object_scores > self.score_thr).nonzero(as_tuple=True)
+        roi_index, labels = (object_scores > self.inference.score_thr).nonzero(as_tuple=True)
         candidates, candidate_scores = boxes[roi_index], object_scores[roi_index, labels]
-        keep = batched_nms(candidates, candidate_scores, labels, self.nms_iou)[: self.max_per_img]
+        keep = batched_nms(candidates, candidate_scores, labels, self.inference.nms_iou)[: self.inference.max_per_img]
         return BoxDetections(candidates[keep], candidate_scores[keep], labels[keep])
 
     def mask_cascade(self, feats: Sequence[Tensor], semantic_feat: Tensor, boxes_per_image: Sequence[Tensor]) -> list[Tensor]:
@@ -338,7 +325,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
         """Merge the stages' masks (``mask_merge``), take each detection's class channel, rescale the boxes
         to the original image (``rescale``) and paste the masks at that image's size (``mask_crops``: into
         windows around the boxes only)."""
-        if self.mask_merge == "mean":
+        if self.inference.mask_merge == "mean":
             probs = torch.stack([logits.sigmoid() for logits in stage_logits]).mean(dim=0)
         else:
             probs = stage_logits[-1].sigmoid()
@@ -350,9 +337,9 @@ class HybridTaskCascadeRoIHead(nn.Module):
                 boxes, size = boxes / boxes.new_tensor([scale_w, scale_h, scale_w, scale_h]), meta.ori_shape
             class_probs = probs_i[torch.arange(len(det.labels), device=probs_i.device), det.labels]
             if mask_crops:
-                crops, origins = zip(*paste_mask_crops(class_probs, boxes, size, self.mask_thr), strict=True) if len(boxes) else ((), ())
+                crops, origins = zip(*paste_mask_crops(class_probs, boxes, size, self.inference.mask_thr), strict=True) if len(boxes) else ((), ())
                 results.append(CroppedDetections(boxes, det.scores, det.labels, list(crops), list(origins)))
             else:
-                masks = paste_masks(class_probs, boxes, size, self.mask_thr)
+                masks = paste_masks(class_probs, boxes, size, self.inference.mask_thr)
                 results.append(Detections(boxes=boxes, scores=det.scores, labels=det.labels, masks=masks))
         return results

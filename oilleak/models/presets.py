@@ -258,17 +258,8 @@ def _roi_head(spec: RoIHeadSpec, inference: InferenceSpec, in_channels: int, num
             for s in stages
         ],
         samplers=[RandomSampler(num=s.num_samples, pos_fraction=s.pos_fraction, add_gt_as_proposals=True) for s in stages],
-        stage_loss_weights=[s.loss_weight for s in stages],
-        featmap_strides=spec.featmap_strides,
-        semantic_stride=spec.semantic_stride,
-        finest_scale=spec.finest_scale,
-        bbox_roi_size=spec.bbox_roi_size,
-        mask_roi_size=spec.mask_roi_size,
-        score_thr=inference.score_thr,
-        nms_iou=inference.nms_iou,
-        max_per_img=inference.max_per_img,
-        mask_thr=inference.mask_thr,
-        mask_merge=inference.mask_merge,
+        layout=spec,
+        inference=inference,
     )
 
 
