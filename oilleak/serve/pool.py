@@ -101,19 +101,23 @@ class InferencePool:
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
+            results: list | None = None
+            error: Exception | None = None
             try:
                 if batch[0].tile is not None:
                     results = [predict_tiled(batch[0].image, lambda tile: self.predict([tile])[0], batch[0].tile)]
                 else:
                     results = self.predict([job.image for job in batch])
-                for job, instances in zip(batch, results):
-                    job.future.set_result(instances)
             except Exception as exc:  # the request fails, the worker lives on
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                error = exc
             finally:
+                # the counts first: a client that got its answer and asks /health sees the pool as it is
                 with self._cond:
                     self.running -= len(batch)
                     self.batches += 1
                     self.images += len(batch)
+            for k, job in enumerate(batch):
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(results[k])
