@@ -39,7 +39,7 @@ from oilleak.models.layers import ConvAWS2d
 from oilleak.models.presets import build_model
 from oilleak.structures import Detections, ImageMeta
 
-from bench_inference import cpu_model, same_detections  # bench/ is the script's folder: on sys.path
+from bench_inference import machine, same_detections  # bench/ is the script's folder: on sys.path
 
 
 def set_precision(precision: str) -> tuple[torch.dtype | None, bool, bool]:
@@ -182,14 +182,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_avg_before": os.getloadavg(),
-        },
+        "machine": machine(device),
         "image": [args.height, args.width],
     }
     if args.batch == [1] and args.precision == ["fp32"]:

@@ -58,6 +58,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine(device: torch.device) -> dict:
+    """What the figures were measured on (the load average again at the end, as ``load_avg_after``)."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_avg_before": os.getloadavg(),
+    }
+
+
 def same_detections(a: list[Detections], b: list[Detections]) -> bool:
     return all(
         torch.equal(x.boxes, y.boxes) and torch.equal(x.scores, y.scores) and torch.equal(x.labels, y.labels)
@@ -210,14 +222,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_avg_before": os.getloadavg(),
-        },
+        "machine": machine(device),
         "image": [args.height, args.width],
         "deform": args.deform,
     }
