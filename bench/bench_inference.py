@@ -3,7 +3,7 @@
     python bench/bench_inference.py                      # detectors_htc_r50, 6 classes, 800x1333, 3 runs
     python bench/bench_inference.py --peer /tmp/mmdet_peer   # also run mmdet 3.3 in the same session
     python bench/bench_inference.py --device cuda --runs 20  # on a GPU (TF32 as PyTorch defaults: off for matmul, on for cuDNN)
-    python bench/bench_inference.py --profile --deform torchvision  # operator split, with the reference kernel
+    python bench/bench_inference.py --profile --path reference  # time the reference path; operator split of both
 
 Random weights (ConvAWS gamma/beta set as ImageNet loading would, like the peer's script), a random
 normalised 800x1333 image padded to 800x1344, batch 1, ``torch.inference_mode()``, all cores. One warm-up
@@ -15,10 +15,13 @@ memory, and each run ends with a synchronize so the time is the GPU's too. Resul
 
 Beside the random image, a real photo (``--photo``, a BSData image by default) is timed from its file: each
 tool reads it and resizes it to fit 1333x800 with its own pipeline (oilleak's ``prepare_image``, mmdet's test
-pipeline in bench/mmdet_photo_latency.py), so that time includes decoding and resizing. ``--profile`` prints
-oilleak's CPU time per operator for two more runs on the random image, with torchvision's deformable
-convolution and with the vectorised one (the before/after of that step). ``--deform torchvision`` times SAC's
-deformable convolutions with torchvision's kernel instead of the vectorised one.
+pipeline in bench/mmdet_photo_latency.py), so that time includes decoding and resizing.
+
+Two paths: ``default`` is the model as `oilleak predict` runs it (``prepare_for_inference``: BatchNorm folded,
+channels-last on CPU; the vectorised deformable convolution); ``reference`` is the plain eval-mode model
+with torchvision's deformable convolution (mmcv's kernel, bit for bit), the path before the CPU speed work.
+``--path`` chooses the timed one; ``--profile`` prints the CPU time per operator of one more run of each
+(after the peak RSS is read, so the profiles' extra model does not count).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from oilleak.config import ModelConfig
 from oilleak.data.transforms import load_image, pad_batch, prepare_image
 from oilleak.models.deform_conv import reference_kernel
+from oilleak.models.inference_path import prepare_for_inference
 from oilleak.models.layers import ConvAWS2d
 from oilleak.models.presets import build_model
 from oilleak.structures import Detections, ImageMeta
@@ -116,24 +120,29 @@ def random_model_and_image(preset: str, num_classes: int, height: int, width: in
     return model, images, metas
 
 
-def profile_only(preset: str, num_classes: int, height: int, width: int) -> dict:
-    """A warm-up run, then one profiled run with each deformable convolution kernel (the step's before/after)."""
+def path_model(path: str, preset: str, num_classes: int, height: int, width: int, device: torch.device):
+    """The random model on ``device``, prepared as ``path`` runs it; its image and metas; the kernel context."""
     model, images, metas = random_model_and_image(preset, num_classes, height, width)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model(images, metas)
-        warm_up = time.perf_counter() - start
-        with reference_kernel():
-            before = operator_profile(lambda: model(images, metas))
-        after = operator_profile(lambda: model(images, metas))
-    return {"warm_up_s": round(warm_up, 2), "profile_deform_torchvision": before, "profile_deform_vectorised": after,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if path == "default":
+        return prepare_for_inference(model, device), images.to(device), metas, contextlib.nullcontext
+    return model.to(device), images.to(device), metas, reference_kernel
+
+
+def profiles(preset: str, num_classes: int, height: int, width: int, device: torch.device) -> dict:
+    """One profiled run of each path after a warm-up (the before/after of the CPU speed work)."""
+    out = {}
+    for path in ("reference", "default"):
+        model, images, metas, kernel = path_model(path, preset, num_classes, height, width, device)
+        with torch.inference_mode(), kernel():
+            model(images, metas)
+            out[f"profile_{path}"] = operator_profile(lambda: model(images, metas))
+        del model
+    return out
 
 
 def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: int, device: torch.device,
-                photo: Path | None, profile: bool, deform: str) -> dict:
-    model, images, metas = random_model_and_image(preset, num_classes, height, width)
-    model, images = model.to(device), images.to(device)
+                photo: Path | None, profile: bool, path: str) -> dict:
+    model, images, metas, timed_kernel = path_model(path, preset, num_classes, height, width, device)
     cuda = device.type == "cuda"
 
     def on_photo() -> list[Detections]:
@@ -141,7 +150,6 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
         batch, _ = pad_batch([tensor])
         return model(batch.to(device), [meta])
 
-    timed_kernel = reference_kernel if deform == "torchvision" else contextlib.nullcontext
     with torch.inference_mode(), timed_kernel():
         times, outputs = timed_runs(lambda: model(images, metas), runs, cuda, device)
         reference = model.predict(images, metas)
@@ -155,22 +163,18 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
                 "times_s": [round(t, 3) for t in photo_times],
                 "detections": len(photo_outputs[-1][0]),
             }}
-    with torch.inference_mode():
-        operators = {}
-        if profile:  # the step's before/after: torchvision's deformable convolution, then the vectorised one
-            with reference_kernel():
-                operators["profile_deform_torchvision"] = operator_profile(lambda: model(images, metas))
-            operators["profile_deform_vectorised"] = operator_profile(lambda: model(images, metas))
     identical = all(same_detections(out, reference) for out in outputs)
     gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+    del model
     return {**gpu,
         "median_s": statistics.median(times[1:]),
         "times_s": [round(t, 3) for t in times],
         "detections": len(outputs[-1][0]),
         "outputs_identical_to_predict": identical,
         **photo_result,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB
-        **operators,
+        "peak_rss_gb": peak_rss,
+        **(profiles(preset, num_classes, height, width, device) if profile else {}),
     }
 
 
@@ -212,9 +216,9 @@ def main() -> None:
     parser.add_argument("--no-photo", action="store_true", help="time the random image only")
     parser.add_argument("--profile", action="store_true", help="print oilleak's CPU time per operator")
     parser.add_argument("--profile-only", action="store_true",
-                        help="oilleak only: one warm-up run, then the two profiles (no timed runs, no peer)")
-    parser.add_argument("--deform", choices=["vectorised", "torchvision"], default="vectorised",
-                        help="SAC's deformable convolution kernel on CPU (torchvision: the reference, for before/after)")
+                        help="oilleak only: the two profiles (no timed runs, no peer)")
+    parser.add_argument("--path", choices=["default", "reference"], default="default",
+                        help="the timed path: as `oilleak predict` runs the model, or the plain reference model")
     args = parser.parse_args()
     device = torch.device(args.device)
     photo = None if args.no_photo else args.photo
@@ -224,16 +228,16 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(device),
         "image": [args.height, args.width],
-        "deform": args.deform,
+        "path": args.path,
     }
     if args.profile_only:
-        result["oilleak"] = profile_only(args.preset, args.classes, args.height, args.width)
+        result["oilleak"] = profiles(args.preset, args.classes, args.height, args.width, device)
         print(json.dumps(result, indent=2))
         return
     # The peer runs first: a child's peak RSS starts from the parent's at fork, so the parent must be small.
     if args.peer:
         result["mmdet_peer"] = run_peer(args.peer, args.height, args.width, args.runs, args.classes, photo)
-    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device, photo, args.profile, args.deform)
+    result["oilleak"] = run_oilleak(args.preset, args.classes, args.height, args.width, args.runs, device, photo, args.profile, args.path)
     peer = result.get("mmdet_peer", {})
     if "median_s" in peer:
         result["speedup_vs_mmdet"] = peer["median_s"] / result["oilleak"]["median_s"]

@@ -22,6 +22,7 @@ from torch import nn
 from oilleak.config import Config
 from oilleak import distributed
 from oilleak.errors import OilleakError
+from oilleak.models.inference_path import prepare_for_inference
 from oilleak.evaluate.coco_eval import EvalResult, ImageResult, coco_evaluate, predict_dataset
 from oilleak.evaluate.confusion import MATCH_IOU, confusion_matrix
 from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
@@ -234,7 +235,7 @@ def run_test(
 
     error = None
     try:
-        images = predict_dataset(model.to(runtime.device), dataset, device=runtime.device, workers=config.data.workers,
+        images = predict_dataset(prepare_for_inference(model, runtime.device), dataset, device=runtime.device, workers=config.data.workers,
                                  progress=progress and runtime.is_main, runtime=runtime)
     except OilleakError as exc:  # e.g. an unreadable image: every rank stops with it instead of waiting
         images, error = [], str(exc)

@@ -67,13 +67,16 @@ class Bottleneck(nn.Module):
         self.rfp_conv = nn.Conv2d(rfp_inplanes, out_channels, 1) if rfp_inplanes else None
 
     def forward(self, x: Tensor, rfp_feat: Tensor | None = None) -> Tensor:
+        # In place where autograd allows it (no norm or conv needs its output for the backward pass):
+        # fewer fresh activation-sized buffers, which cost page faults on CPU.
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out)) + identity
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        out += identity
         if rfp_feat is not None:
-            out = out + self.rfp_conv(rfp_feat)  # feedback joins before the final ReLU (DetectoRS eq. 4)
-        return F.relu(out)
+            out += self.rfp_conv(rfp_feat)  # feedback joins before the final ReLU (DetectoRS eq. 4)
+        return F.relu(out, inplace=True)
 
 
 class ResNet(nn.Module):

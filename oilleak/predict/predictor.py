@@ -21,6 +21,7 @@ from torch import nn
 
 from oilleak.config import Config
 from oilleak import distributed
+from oilleak.models.inference_path import prepare_for_inference
 from oilleak.predict import files
 from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.predict.tiling import predict_tiled
@@ -121,7 +122,7 @@ class Predictor:
     """An image (RGB uint8, any size) -> its instances at or above ``score_thr``, in its pixels."""
 
     def __init__(self, model: nn.Module, config: Config, device: torch.device, score_thr: float):
-        self.model = model.to(device).eval()
+        self.model = prepare_for_inference(model, device)
         self.scale = tuple(config.data.scale)
         self.device = device
         self.score_thr = score_thr

@@ -26,11 +26,12 @@ class ServedModel:
         """An oilleak checkpoint, or an `oilleak export` .onnx file (run by ONNX Runtime on the CPU)."""
         from oilleak.export.onnx_runtime import is_onnx_file
         from oilleak.models.checkpoint import model_from_checkpoint
+        from oilleak.models.inference_path import prepare_for_inference
 
         if is_onnx_file(ckpt):
             return OnnxServedModel.load(ckpt, overrides)
         model, config = model_from_checkpoint(ckpt, device, overrides)
-        return cls(model.eval(), config, device, Path(ckpt).name)
+        return cls(prepare_for_inference(model, device), config, device, Path(ckpt).name)
 
     @property
     def preset(self) -> str:

@@ -1,18 +1,20 @@
-"""Do the vectorised CPU deformable convolution and torchvision's give the same detections on a trained model?
+"""Does the fast CPU inference path give the same detections as the reference path on a trained model?
 
-    python bench/check_deform_kernel.py CHECKPOINT IMAGE_DIR [--images 20] [--score-thr 0.05]
+    python bench/check_inference_path.py CHECKPOINT IMAGE_DIR [--images 20] [--score-thr 0.05]
 
 Runs the checkpoint's model on the first ``--images`` photos of IMAGE_DIR (sorted by name, each resized by
-oilleak's test pipeline to the checkpoint config's scale) twice: with torchvision's kernel (the reference, which
-mmcv's equals bit for bit) and with the vectorised one (the CPU default). A reference detection at or above
-``--score-thr`` is matched when the vectorised run has one of the same label with box IoU >= 0.99 (greedy, best
-IoU first); matched pairs also report their mask IoU. The bar for keeping the vectorised kernel as the default
-(issue 14): >= 99 % of detections matched, each matched mask IoU >= 0.98.
+oilleak's test pipeline to the checkpoint config's scale) twice: the reference path (the plain eval-mode model
+with torchvision's deformable convolution, which mmcv's equals bit for bit) and the default path of `oilleak
+predict` (``prepare_for_inference``: BatchNorm folded, channels-last; the vectorised deformable convolution).
+A reference detection at or above ``--score-thr`` is matched when the default run has one of the same label
+with box IoU >= 0.99 (greedy, best IoU first); matched pairs also report their mask IoU. The bar for a default
+that changes float rounding (issue 14): >= 99 % of detections matched, each matched mask IoU >= 0.98.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -23,6 +25,7 @@ from torchvision.ops import box_iou
 from oilleak.data.transforms import load_image, pad_batch, prepare_image
 from oilleak.models.checkpoint import model_from_checkpoint
 from oilleak.models.deform_conv import reference_kernel
+from oilleak.models.inference_path import prepare_for_inference
 from oilleak.structures import Detections
 
 BOX_IOU = 0.99
@@ -64,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, config = model_from_checkpoint(args.checkpoint)
-    model.eval()
+    fast = prepare_for_inference(copy.deepcopy(model), "cpu")
     photos = sorted(p for p in args.image_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.images]
     total = matched = 0
     mask_ious: list[float] = []
@@ -74,11 +77,11 @@ def main() -> None:
             batch, _ = pad_batch([tensor])
             with reference_kernel():
                 reference = kept(model(batch, [meta])[0], args.score_thr)
-            vectorised = kept(model(batch, [meta])[0], args.score_thr)
-            n, ious = match(reference, vectorised)
+            default = kept(fast(batch, [meta])[0], args.score_thr)
+            n, ious = match(reference, default)
             total, matched = total + len(reference), matched + n
             mask_ious += ious
-            print(f"{photo.name}: {len(reference)} reference, {len(vectorised)} vectorised, {n} matched", flush=True)
+            print(f"{photo.name}: {len(reference)} reference, {len(default)} default, {n} matched", flush=True)
     result = {
         "checkpoint": str(args.checkpoint), "images": len(photos), "score_thr": args.score_thr,
         "reference_detections": total, "matched": matched,
