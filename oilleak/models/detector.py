@@ -63,4 +63,7 @@ class HybridTaskCascade(nn.Module):
         """``mask_crops``: masks as windows around their boxes (large photos), see ``HybridTaskCascadeRoIHead``."""
         feats = self.extract_feat(images)
         proposals = self.rpn_head.proposals(*self.rpn_head(feats), list(metas), training=False)
+        # RoIAlign reads NCHW memory: a channels-last pyramid (the CPU inference path) would be copied at
+        # every one of its calls, so it is laid out once here (a no-op for NCHW)
+        feats = [feat.contiguous() for feat in feats]
         return self.roi_head.predict(feats, proposals, metas, mask_crops=mask_crops)  # the score column is ignored
