@@ -166,26 +166,47 @@ def test_predict_rescales_to_the_original_image():
     assert bool((scaled.scores[:-1] >= scaled.scores[1:]).all())
 
 
-def test_mask_merge_mean_is_the_mean_of_the_stages_sigmoids():
+def test_mask_probabilities_merge_the_stages_as_configured():
+    head = _tiny_head("mean").eval()
+    feats, boxes = _feats(), [_random_boxes(5)]
+    with torch.no_grad():
+        _, semantic = head.semantic_head(feats)
+        stage_logits = head.mask_cascade(feats, semantic, boxes)
+        by_hand = (torch.sigmoid(stage_logits[0]) + torch.sigmoid(stage_logits[1]) + torch.sigmoid(stage_logits[2])) / 3
+        assert torch.allclose(head.mask_probabilities(feats, semantic, boxes), by_hand, atol=1e-6)
+        head.inference = replace(head.inference, mask_merge="last")
+        assert torch.allclose(head.mask_probabilities(feats, semantic, boxes), torch.sigmoid(stage_logits[2]), atol=1e-6)
+
+
+def test_finish_pastes_each_detections_own_class():
     head = _tiny_head("mean")
     torch.manual_seed(9)
-    stage_logits = [torch.randn(2, CLASSES, 28, 28) * 3 for _ in range(3)]
-    by_hand = (torch.sigmoid(stage_logits[0]) + torch.sigmoid(stage_logits[1]) + torch.sigmoid(stage_logits[2])) / 3
+    probs = torch.rand(2, CLASSES, 28, 28)
     labels = torch.tensor([2, 0])
-    used = torch.stack([by_hand[0, 2], by_hand[1, 0]])
+    used = torch.stack([probs[0, 2], probs[1, 0]])
     # no pixel so close to the threshold that pasting's float rounding could flip it
     assert (used - 0.5).abs().min() > 1e-4
     # boxes of exactly 28x28 pixels at scale 1 paste the 28x28 masks pixel for pixel
     detections = [BoxDetections(boxes=torch.tensor([[0.0, 0.0, 28.0, 28.0], [2.0, 0.0, 30.0, 28.0]]), scores=torch.ones(2), labels=labels)]
     meta = ImageMeta(image_id=0, file_name="x", ori_shape=(28, 30), img_shape=(28, 30), pad_shape=(32, 32), scale_factor=(1.0, 1.0))
-    masks = head.finish(detections, stage_logits, [meta])[0].masks
-    expected = by_hand >= 0.5
+    masks = head.finish(detections, probs, [meta])[0].masks
+    expected = probs >= 0.5
     assert torch.equal(masks[0, :, :28], expected[0, 2])
     assert torch.equal(masks[1, :, 2:], expected[1, 0])
-    head.inference = replace(head.inference, mask_merge="last")
-    last = head.finish(detections, stage_logits, [meta])[0].masks
-    assert torch.equal(last[0, :, :28], torch.sigmoid(stage_logits[2][0, 2]) >= 0.5)
-    assert not torch.equal(last, masks)
+
+
+def test_min_score_keeps_the_same_detections_and_masks_above_it_and_the_best_one():
+    head = _tiny_head("last").eval()
+    feats, meta = _feats(), _meta((120, 180))
+    full = head.predict(feats, [_random_boxes(20)], [meta])[0]
+    assert len(full) > 4
+    threshold = float(full.scores[len(full) // 2])
+    kept = head.predict(feats, [_random_boxes(20)], [meta], min_score=threshold)[0]
+    above = full.scores >= threshold
+    assert torch.equal(kept.boxes, full.boxes[above]) and torch.equal(kept.labels, full.labels[above])
+    assert torch.equal(kept.scores, full.scores[above]) and torch.equal(kept.masks, full.masks[above])
+    best_only = head.predict(feats, [_random_boxes(20)], [meta], min_score=1.1)[0]
+    assert len(best_only) == 1 and torch.equal(best_only.boxes, full.boxes[:1])
 
 
 def test_paste_marks_the_pixels_whose_centres_lie_in_the_box():

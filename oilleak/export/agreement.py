@@ -120,10 +120,6 @@ def stage_errors(model: torch.nn.Module, onnx_model: OnnxModel, image: np.ndarra
             errors.note(f"s{stage}.deltas", deltas, outputs[f"s{stage}.deltas"])
         boxes, labels = torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["labels"]).long()
         if len(boxes):
-            stage_logits = head.mask_cascade(feats, semantic_feat, [boxes])
-            if head.inference.mask_merge == "mean":
-                probs = torch.stack([logits.sigmoid() for logits in stage_logits]).mean(dim=0)
-            else:
-                probs = stage_logits[-1].sigmoid()
+            probs = head.mask_probabilities(feats, semantic_feat, [boxes])
             errors.note("masks", probs[torch.arange(len(labels)), labels], outputs["masks"])
     return errors

@@ -131,14 +131,8 @@ class DetectorGraph(nn.Module):
         return candidates[keep], candidate_scores[keep], labels[keep]
 
     def masks(self, feats: list[Tensor], semantic_feat: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
-        """(n, 28, 28) mask probabilities of each detection's class, stages merged (``mask_cascade`` + ``finish``)."""
-        head = self.model.roi_head
-        roi_feats = head.mask_roi_features(feats, semantic_feat, _rois(boxes))
-        probs, previous = [], None
-        for mask_head in head.mask_head:
-            previous = mask_head.features(roi_feats, previous)
-            probs.append(mask_head.logits(previous).sigmoid())
-        merged = torch.stack(probs).mean(dim=0) if head.inference.mask_merge == "mean" else probs[-1]
+        """(n, 28, 28) mask probabilities of each detection's class, stages merged (``mask_probabilities``)."""
+        merged = self.model.roi_head.mask_probabilities(feats, semantic_feat, [boxes])
         index = labels[:, None, None, None].expand(-1, 1, merged.shape[-2], merged.shape[-1])
         return merged.gather(1, index)[:, 0]
 

@@ -58,12 +58,14 @@ class HybridTaskCascade(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, images: Tensor, metas: Sequence[ImageMeta], mask_crops: bool = False
+        self, images: Tensor, metas: Sequence[ImageMeta], mask_crops: bool = False, min_score: float = 0.0
     ) -> list[Detections] | list[CroppedDetections]:
-        """``mask_crops``: masks as windows around their boxes (large photos), see ``HybridTaskCascadeRoIHead``."""
+        """``mask_crops``: masks as windows around their boxes (large photos); ``min_score``: only detections
+        scoring at least this get masks and are returned (see ``HybridTaskCascadeRoIHead.predict``)."""
         feats = self.extract_feat(images)
         proposals = self.rpn_head.proposals(*self.rpn_head(feats), list(metas), training=False)
         # RoIAlign reads NCHW memory: a channels-last pyramid (the CPU inference path) would be copied at
         # every one of its calls, so it is laid out once here (a no-op for NCHW)
         feats = [feat.contiguous() for feat in feats]
-        return self.roi_head.predict(feats, proposals, metas, mask_crops=mask_crops)  # the score column is ignored
+        # the proposals' score column is ignored
+        return self.roi_head.predict(feats, proposals, metas, mask_crops=mask_crops, min_score=min_score)

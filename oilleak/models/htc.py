@@ -88,6 +88,12 @@ class BoxDetections:
     scores: Tensor  # (n,)
     labels: Tensor  # (n,) int64
 
+    def above_or_best(self, min_score: float) -> BoxDetections:
+        """The detections scoring at least ``min_score``, and the best one in any case (still sorted)."""
+        keep = self.scores >= min_score
+        keep[:1] = True
+        return BoxDetections(self.boxes[keep], self.scores[keep], self.labels[keep])
+
 
 class HybridTaskCascadeRoIHead(nn.Module):
     """``loss(feats, proposals, metas, targets) -> dict`` and ``predict(feats, proposals, metas) -> Detections``.
@@ -263,15 +269,21 @@ class HybridTaskCascadeRoIHead(nn.Module):
         metas: Sequence[ImageMeta],
         rescale: bool = True,
         mask_crops: bool = False,
+        min_score: float = 0.0,
     ) -> list[Detections] | list[CroppedDetections]:
         """Detections per image with masks: in original pixels at ``meta.ori_shape`` (``rescale=True``) or in
         input pixels at ``meta.img_shape``. proposals: per image (n_i, 4) boxes (extra columns ignored).
-        ``mask_crops``: keep each mask as its window (:class:`CroppedDetections`), not as a full-size image."""
+        ``mask_crops``: keep each mask as its window (:class:`CroppedDetections`), not as a full-size image.
+        ``min_score``: drop detections scoring below it before the mask heads run, all but the best one (a
+        caller that keeps only those saves their masks' work, and can still say how close the best came; the
+        kept masks do not depend on the dropped ones)."""
         _, semantic_feat = self.semantic_head(feats)
         cascade = self.box_cascade(feats, semantic_feat, proposals, metas)
         detections = self.detect(cascade, metas)
-        stage_logits = self.mask_cascade(feats, semantic_feat, [d.boxes for d in detections])
-        return self.finish(detections, stage_logits, metas, rescale, mask_crops)
+        if min_score > 0:
+            detections = [d.above_or_best(min_score) for d in detections]
+        probs = self.mask_probabilities(feats, semantic_feat, [d.boxes for d in detections])
+        return self.finish(detections, probs, metas, rescale, mask_crops)
 
     def box_cascade(
         self, feats: Sequence[Tensor], semantic_feat: Tensor, proposals: Sequence[Tensor], metas: Sequence[ImageMeta]
@@ -305,7 +317,8 @@ class HybridTaskCascadeRoIHead(nn.Module):
         return BoxDetections(candidates[keep], candidate_scores[keep], labels[keep])
 
     def mask_cascade(self, feats: Sequence[Tensor], semantic_feat: Tensor, boxes_per_image: Sequence[Tensor]) -> list[Tensor]:
-        """Every stage's (R, K, 28, 28) mask logits on the detected boxes, with mask information flow."""
+        """Every stage's (R, K, 28, 28) mask logits on the detected boxes, with mask information flow (each
+        stage's, for checking them against mmdet; predicting needs only :meth:`mask_probabilities`)."""
         rois = boxes_to_rois(boxes_per_image)
         roi_feats = self.mask_roi_features(feats, semantic_feat, rois)
         logits, previous = [], None
@@ -314,21 +327,32 @@ class HybridTaskCascadeRoIHead(nn.Module):
             logits.append(head.logits(previous))
         return logits
 
+    def mask_probabilities(self, feats: Sequence[Tensor], semantic_feat: Tensor, boxes_per_image: Sequence[Tensor]) -> Tensor:
+        """(R, K, 28, 28) mask probabilities on the detected boxes, the stages merged by ``mask_merge``.
+
+        With "last" the earlier stages' heads run only as far as the information flow needs (their features,
+        not their upsampling and logits)."""
+        rois = boxes_to_rois(boxes_per_image)
+        roi_feats = self.mask_roi_features(feats, semantic_feat, rois)
+        if self.inference.mask_merge == "last":
+            return self.mask_head[-1].logits(self._mask_features_up_to(self.num_stages - 1, roi_feats)).sigmoid()
+        probs, previous = [], None
+        for head in self.mask_head:
+            previous = head.features(roi_feats, previous)
+            probs.append(head.logits(previous).sigmoid())
+        return torch.stack(probs).mean(dim=0)
+
     def finish(
         self,
         detections: Sequence[BoxDetections],
-        stage_logits: Sequence[Tensor],
+        probs: Tensor,
         metas: Sequence[ImageMeta],
         rescale: bool = True,
         mask_crops: bool = False,
     ) -> list[Detections] | list[CroppedDetections]:
-        """Merge the stages' masks (``mask_merge``), take each detection's class channel, rescale the boxes
-        to the original image (``rescale``) and paste the masks at that image's size (``mask_crops``: into
+        """Take each detection's class channel of ``probs`` (:meth:`mask_probabilities`), rescale the boxes to
+        the original image (``rescale``) and paste the masks at that image's size (``mask_crops``: into
         windows around the boxes only)."""
-        if self.inference.mask_merge == "mean":
-            probs = torch.stack([logits.sigmoid() for logits in stage_logits]).mean(dim=0)
-        else:
-            probs = stage_logits[-1].sigmoid()
         results = []
         for det, probs_i, meta in zip(detections, probs.split([len(d.boxes) for d in detections]), metas):
             boxes, size = det.boxes, meta.img_shape

@@ -134,7 +134,8 @@ class Predictor:
 
         tensor, meta = prepare_image(image, self.scale)
         batch, _ = pad_batch([tensor])
-        dets = self.model.predict(batch.to(self.device), [meta], mask_crops=True)[0]  # no full-size mask arrays
+        # no full-size mask arrays; no masks computed for detections below the threshold
+        dets = self.model.predict(batch.to(self.device), [meta], mask_crops=True, min_score=self.score_thr)[0]
         if len(dets.scores):
             top = float(dets.scores.max())
             self.top_score = top if self.top_score is None else max(self.top_score, top)
