@@ -169,8 +169,6 @@ def test_unsupported_opset_and_existing_file_are_clear_errors(tmp_path, sample_d
     assert result.exit_code == 2 and "RoiAlign" in result.output and "16" in result.output
     result = runner.invoke(app, ["export", str(htc), str(tmp_path / "c.onnx"), "--opset", "30"])
     assert result.exit_code == 2 and "opset" in result.output
-    result = runner.invoke(app, ["export", str(htc), str(tmp_path / "d.onnx"), "--fp16"])
-    assert result.exit_code == 2 and "--fp16" in result.output and not (tmp_path / "d.onnx").exists()
     taken = tmp_path / "taken.onnx"
     taken.write_bytes(b"user data")
     result = runner.invoke(app, ["export", str(htc), str(taken)])
