@@ -1,17 +1,21 @@
 """ONNX export vs PyTorch on real images: end-to-end agreement of the detections and step-by-step errors.
 
-    python bench/export_agreement.py CKPT IMAGES... [--onnx FILE] [--limit N] [--min-score S]
+    python bench/export_agreement.py CKPT IMAGES... [--onnx FILE] [--fp16] [--limit N] [--min-score S] [--threads T]
 
 Exports CKPT with every step's result as extra outputs (unless --onnx names such a file, or --no-steps), runs it with
 ONNX Runtime on the images (files or folders) and prints: detections matched (same label, box IoU >= 0.99,
 score within 1e-3; ``oilleak.export.agreement``), the fraction of matched masks with IoU >= 0.98, and per
 step (pyramid levels, every box stage's logits and deltas, the merged masks) the largest difference
-PyTorch vs ONNX Runtime on the same input, absolute and relative to the largest value.
+PyTorch vs ONNX Runtime on the same input, absolute and relative to the largest value; and ONNX Runtime's
+median time per image (resize, graph, paste). With --fp16 the file is a float16 export (``oilleak export
+--fp16``; with --onnx, the file given is one) and a match allows scores within 1e-2, counted at box IoU >= 0.9
+and >= 0.99.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oilleak.data.transforms import load_image  # noqa: E402
 from oilleak.predict.predictor import IMAGE_EXTENSIONS  # noqa: E402
-from oilleak.export.agreement import Agreement, StageErrors, compare, stage_errors, torch_detections  # noqa: E402
+from oilleak.export.agreement import FP16_SCORE_DIFF, MAX_SCORE_DIFF, MIN_BOX_IOU, Agreement, StageErrors, compare, stage_errors, torch_detections  # noqa: E402
 from oilleak.export.onnx_export import export_checkpoint  # noqa: E402
 from oilleak.export.onnx_runtime import OnnxModel  # noqa: E402
 from oilleak.models.checkpoint import model_from_checkpoint  # noqa: E402
@@ -37,8 +41,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20, help="images to compare")
     parser.add_argument("--min-score", type=float, default=0.0, help="compare only detections scoring at least this")
     parser.add_argument("--no-steps", action="store_true", help="end to end only (a plain export, faster)")
+    parser.add_argument("--fp16", action="store_true", help="a float16 export, compared at float16 bounds")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch and ONNX Runtime threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    # (box IoU, score difference) of a match; the first one's masks are compared
+    bounds = [(0.9, FP16_SCORE_DIFF), (MIN_BOX_IOU, FP16_SCORE_DIFF)] if args.fp16 else [(MIN_BOX_IOU, MAX_SCORE_DIFF)]
 
     images = []
     for path in args.images:
@@ -47,31 +55,39 @@ def main() -> None:
     onnx_path = args.onnx
     if onnx_path is None:
         onnx_path = Path(tempfile.mkdtemp()) / "stages.onnx"
-        report = export_checkpoint(args.ckpt, onnx_path, stages=not args.no_steps)
+        report = export_checkpoint(args.ckpt, onnx_path, stages=not args.no_steps, fp16=args.fp16)
         print(f"exported {onnx_path} in {report.seconds:.0f} s, {report.size_bytes / 1e6:.1f} MB")
     model, config = model_from_checkpoint(args.ckpt)
-    onnx_model = OnnxModel(onnx_path)
-    total, errors = Agreement(), StageErrors()
+    onnx_model = OnnxModel(onnx_path, threads=args.threads)
+    totals, errors, seconds = [Agreement() for _ in bounds], StageErrors(), []
     for path in images:
         image = load_image(path)
-        start = time.perf_counter()
         ref = torch_detections(model, image, tuple(config.data.scale))
+        start = time.perf_counter()
         got = onnx_model.detect(image)
+        seconds.append(time.perf_counter() - start)
         keep = ref.scores >= args.min_score
         ref = type(ref)(ref.boxes[keep], ref.scores[keep], ref.labels[keep], ref.masks[keep])
         got_keep = got.scores >= args.min_score
         got.boxes, got.scores, got.labels = got.boxes[got_keep], got.scores[got_keep], got.labels[got_keep]
         got.windows = [w for w, k in zip(got.windows, got_keep) if k]
         got.origins = [o for o, k in zip(got.origins, got_keep) if k]
-        result = compare(ref, got)
-        total.add(result)
+        results = [compare(ref, got, iou, score) for iou, score in bounds]
+        for total, result in zip(totals, results):
+            total.add(result)
         if not args.no_steps:
             stage_errors(model, onnx_model, image, errors)
-        print(f"{path.name}: torch {result.torch_detections}, onnx {result.onnx_detections}, matched {result.matched}, "
-              f"masks IoU>=0.98 {result.masks_at_least(0.98):.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
-    print(f"\n{len(images)} images: {total.matched}/{total.torch_detections} PyTorch detections matched "
-          f"({total.onnx_detections} from ONNX), matched fraction {total.matched_fraction:.4f}; "
-          f"matched masks with IoU >= 0.98: {total.masks_at_least(0.98):.4f} (min IoU {min(total.mask_ious, default=1):.4f})")
+        matched = ", ".join(f"{result.matched} at IoU >= {iou}" for result, (iou, _) in zip(results, bounds))
+        print(f"{path.name}: torch {results[0].torch_detections}, onnx {results[0].onnx_detections}, matched {matched}, "
+              f"masks IoU>=0.98 {results[0].masks_at_least(0.98):.3f} (ONNX Runtime {seconds[-1]:.2f} s)", flush=True)
+    total = totals[0]
+    print(f"\n{len(images)} images, {total.torch_detections} PyTorch detections, {total.onnx_detections} from ONNX; matched "
+          f"(same label, score within {bounds[0][1]:g}):")
+    for result, (iou, _) in zip(totals, bounds):
+        print(f"  box IoU >= {iou}: {result.matched} (fraction {result.matched_fraction:.4f})")
+    print(f"matched masks (IoU >= {bounds[0][0]}): IoU >= 0.98 {total.masks_at_least(0.98):.4f}, mean IoU "
+          f"{statistics.fmean(total.mask_ious or [1]):.4f}, min {min(total.mask_ious, default=1):.4f}")
+    print(f"ONNX Runtime, {args.threads} threads: median {statistics.median(seconds):.3f} s/image")
     if errors.errors:
         print("step                  max |diff|    max |value|   relative")
     for name in errors.errors:

@@ -275,16 +275,19 @@ def export(
     out: Annotated[Path, typer.Argument(help="the .onnx file to write (never overwritten)")],
     opset: Annotated[int, typer.Option(help="ONNX opset; DetectoRS' deformable convolutions need 19")] = 19,
     dynamic: Annotated[bool, typer.Option("--dynamic/--static", help="any image size (default), or fixed to the preset's scale")] = True,
-    fp16: Annotated[bool, typer.Option("--fp16", help="float16 file: not supported yet (the conversion does not load in ONNX Runtime)")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and layers: half the file, meant for GPU providers (no faster on the CPU); box steps, NMS and deformable convolutions stay float32, inputs and outputs unchanged")] = False,
 ) -> None:
     """Export the whole detector (RPN, three cascade stages, mask information flow, semantic branch) to ONNX.
 
     The file takes the photo resized to the preset's scale as (H, W, 3) uint8 RGB and gives boxes, scores,
-    labels and 28x28 mask probabilities; `oilleak predict OUT.onnx IMAGES` runs it with ONNX Runtime."""
+    labels and 28x28 mask probabilities; `oilleak predict OUT.onnx IMAGES` runs it with ONNX Runtime.
+    With --fp16 the weights are float16 and so are the backbone, feature pyramid and heads; anchors, box
+    decoding, NMS, score thresholds, RoIAlign and the deformable convolutions compute in float32, and the
+    inputs and outputs keep their types (metadata oilleak.precision says which file it is)."""
     from oilleak.export.onnx_export import export_checkpoint
 
     report = export_checkpoint(ckpt, out, opset=opset, dynamic=dynamic, fp16=fp16)
-    console.print(f"wrote {report.path} (opset {report.opset}, {report.size_bytes / 1e6:.1f} MB, {report.seconds:.0f} s)",
+    console.print(f"wrote {report.path} (opset {report.opset}{', float16' if fp16 else ''}, {report.size_bytes / 1e6:.1f} MB, {report.seconds:.0f} s)",
                   markup=False, highlight=False)
 
 

@@ -48,6 +48,19 @@ def write_demo_config(out: Path, template: Path = DEMO_CONFIG) -> Path:
     return path
 
 
+def demo_checkpoint(path: Path) -> Path:
+    """The shipped demo weights as a checkpoint of the demo's config, not fine-tuned: a trained model for checks
+    that need one (``tests/test_export.py``, ``bench/export_agreement.py``) without a training run."""
+    from oilleak.models.checkpoint import load_weights, save_checkpoint
+    from oilleak.models.presets import build_model
+
+    config = load_config(DEMO_CONFIG)
+    model = build_model(config.model, len(config.data.classes))
+    load_weights(model, DEMO_WEIGHTS, classes=config.data.classes)
+    save_checkpoint(path, model=model, config=config)
+    return path
+
+
 def sample_dir(sample: Path | None) -> Path:
     path = sample or SAMPLE
     if not any(path.glob("*.json")):

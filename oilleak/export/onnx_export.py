@@ -13,7 +13,17 @@ Metadata (``metadata_props``, all strings): ``oilleak.classes`` (JSON list), ``o
 ``oilleak.scale`` (JSON [long, short]), ``oilleak.mean`` / ``oilleak.std`` (JSON, RGB, applied in the
 graph), ``oilleak.score_thr`` (the checkpoint's predict threshold), ``oilleak.mask_thr``,
 ``oilleak.mask_merge``, ``oilleak.version``, ``oilleak.checkpoint_sha256``, ``oilleak.checkpoint``
-(the file's name), ``oilleak.input`` (the layout in words).
+(the file's name), ``oilleak.input`` (the layout in words), ``oilleak.precision`` (``float32`` or ``float16``).
+
+``--fp16`` (``to_float16``): the same inputs and outputs (uint8 image in, float32 boxes, scores and masks out),
+every weight stored in float16 (half the file), and the model's modules computing in float16: backbone, recursive
+feature pyramid, RPN head convolutions, semantic head, box heads' fully connected layers, mask heads. In float32
+stay the graph's own steps between those modules (``graph.DetectorGraph``: normalisation, anchors, box decoding
+and clipping, top-k, NMS, score threshold, RoIAlign and its level choice, softmax, mask sigmoid), where float16's
+steps (0.5 px between 512 and 1024, 1 px above) would move boxes and change which detections survive NMS, and
+the deformable convolutions (``DeformConv``, their weights cast up in the graph), whose sampling positions are
+pixel coordinates too. ONNX Runtime's CPU provider has float16 kernels for few operators and casts around the
+others, so on the CPU the file is smaller, not faster; the float16 layers are meant for GPU providers.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -50,10 +61,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _require_onnx() -> None:
+def _require_onnx(fp16: bool) -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401  the TorchScript exporter still imports it in torch 2.9+
+
+        if fp16:
+            import onnxruntime  # noqa: F401  its float16 converter
     except ImportError as exc:
         raise OilleakError(f"exporting needs the onnx extra ({exc.name} is missing): pip install 'oilleak[onnx]'") from None
 
@@ -83,10 +97,10 @@ def export_checkpoint(
     example_size: tuple[int, int] | None = None, stages: bool = False,
 ) -> ExportReport:
     """Write ``out`` (never over an existing file). ``dynamic``: any image size (the default; without it the
-    graph is fixed to ``example_size``, by default the preset scale's landscape size). ``fp16``: not supported
-    yet (a clear error). ``stages``: also
-    output every step's result (``graph.DetectorGraph``), for checking an export step by step."""
-    _require_onnx()
+    graph is fixed to ``example_size``, by default the preset scale's landscape size). ``fp16``: a float16 file
+    (``to_float16``). ``stages``: also output every step's result (``graph.DetectorGraph``), for checking an
+    export step by step."""
+    _require_onnx(fp16)
     import onnx
     import torch
 
@@ -100,10 +114,6 @@ def export_checkpoint(
         raise OilleakError(f"{out}: the output file must end in .onnx")
     if out.exists():
         raise OilleakError(f"{out} exists; oilleak does not overwrite files: pass another name or remove it")
-    if fp16:
-        # onnxconverter-common 1.16's float16 conversion of this graph gives a file ONNX Runtime refuses
-        # (a Cast whose output type no longer matches), so there is no float16 file yet
-        raise OilleakError("--fp16 is not supported yet: the float16 conversion of this graph does not load in ONNX Runtime; export without --fp16")
     model, config = model_from_checkpoint(checkpoint, "cpu")
     check_opset(opset, any(isinstance(m, SAConv2d) for m in model.modules()))
     register()
@@ -132,7 +142,9 @@ def export_checkpoint(
                 output_names=output_names, dynamic_axes=dynamic_axes,
             )
         graph = onnx.load(tmp)
-        _set_metadata(graph, config, checkpoint, model)
+        if fp16:
+            graph = to_float16(graph)
+        _set_metadata(graph, config, checkpoint, model, "float16" if fp16 else "float32")
         onnx.save(graph, tmp)
         os.replace(tmp, out)
     except BaseException:
@@ -141,7 +153,45 @@ def export_checkpoint(
     return ExportReport(out, opset, time.perf_counter() - start, out.stat().st_size)
 
 
-def _set_metadata(graph, config, checkpoint: Path, model) -> None:
+def to_float16(model):
+    """An exported float32 ``onnx.ModelProto`` -> its float16 version (see the module docstring)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxscript import ir, optimizer
+
+    # ConvAWS and SAC standardise their weights inside the graph: fold that in float32 first, so the file holds
+    # the standardised weights rounded once instead of statistics recomputed in float16 at every run
+    optimizer.fold_constants(model, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize)
+    # the exporter names a module's nodes /module/path/Op; DetectorGraph's own steps have no module path
+    own_steps = [node.name for node in model.graph.node if "/" not in node.name[1:]]
+    model = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "DeformConv"], node_block_list=own_steps,
+        force_fp16_initializers=True,  # DeformConv's weights too: stored in float16, cast up in the graph
+    )
+    # The converter casts every float32 node's output to float16 and back to float32 for the next float32 node,
+    # which would round boxes between every two steps: those round trips become identities, then are removed.
+    graph = model.graph
+    float32 = {value.name for value in graph.value_info if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    producers = {name: node for node in graph.node for name in node.output}
+    for node in graph.node:
+        inner = producers.get(node.input[0]) if _is_cast(node, onnx.TensorProto.FLOAT) else None
+        if _is_cast(inner, onnx.TensorProto.FLOAT16) and inner.input[0] in float32:
+            node.op_type, node.input[0] = "Identity", inner.input[0]
+            del node.attribute[:]
+    tidy = ir.from_proto(model)
+    # the converter appends its casts at the end; ONNX wants the nodes in order
+    for step in (ir.passes.common.IdentityEliminationPass(), ir.passes.common.RemoveUnusedNodesPass(), ir.passes.common.TopologicalSortPass()):
+        step(tidy)
+    return ir.to_proto(tidy)
+
+
+def _is_cast(node, to: int) -> bool:
+    from onnx.helper import get_node_attr_value
+
+    return node is not None and node.op_type == "Cast" and get_node_attr_value(node, "to") == to
+
+
+def _set_metadata(graph, config, checkpoint: Path, model, precision: str) -> None:
     import oilleak
     from oilleak.data.transforms import MEAN, STD
 
@@ -159,6 +209,7 @@ def _set_metadata(graph, config, checkpoint: Path, model) -> None:
         "oilleak.checkpoint": Path(checkpoint).name,
         "oilleak.checkpoint_sha256": file_sha256(Path(checkpoint)),
         "oilleak.input": INPUT_LAYOUT,
+        "oilleak.precision": precision,
     }
     del graph.metadata_props[:]
     for key, value in entries.items():
