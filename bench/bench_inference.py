@@ -82,15 +82,25 @@ def same_detections(a: list[Detections], b: list[Detections]) -> bool:
     )
 
 
-def timed_runs(call, runs: int, cuda: bool, device: torch.device) -> tuple[list[float], list]:
-    times, outputs = [], []
+def timed_runs(call, runs: int, cuda: bool, device: torch.device) -> tuple[list[float], list, bool]:
+    """Times of the warm-up and ``runs`` calls, the first call's output, and whether every output equalled it.
+
+    Only one output is kept: a run's full-size masks are ~100 MB, and keeping them all would count in the
+    peak RSS, which is meant to be the model's.
+    """
+    times, first, identical = [], None, True
     for _ in range(runs + 1):  # the first run is the warm-up
         start = time.perf_counter()
-        outputs.append(call())
+        output = call()
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return times, outputs
+        if first is None:
+            first = output
+        else:
+            identical = identical and same_detections(output, first)
+        del output
+    return times, first, identical
 
 
 def operator_profile(call, rows: int = 15) -> list[str]:
@@ -151,26 +161,27 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
         return model(batch.to(device), [meta])
 
     with torch.inference_mode(), timed_kernel():
-        times, outputs = timed_runs(lambda: model(images, metas), runs, cuda, device)
-        reference = model.predict(images, metas)
+        times, first, identical = timed_runs(lambda: model(images, metas), runs, cuda, device)
+        identical = identical and same_detections(first, model.predict(images, metas))
+        detections = len(first[0])
+        del first
         photo_result = {}
         if photo is not None:
-            photo_times, photo_outputs = timed_runs(on_photo, runs, cuda, device)
+            photo_times, photo_first, _ = timed_runs(on_photo, runs, cuda, device)
             photo_result = {"photo": {
                 "file": photo.name,
                 "input": list(prepare_image(load_image(photo), (1333, 800))[0].shape[-2:]),
                 "median_s": statistics.median(photo_times[1:]),
                 "times_s": [round(t, 3) for t in photo_times],
-                "detections": len(photo_outputs[-1][0]),
+                "detections": len(photo_first[0]),
             }}
-    identical = all(same_detections(out, reference) for out in outputs)
     gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
     del model
     return {**gpu,
         "median_s": statistics.median(times[1:]),
         "times_s": [round(t, 3) for t in times],
-        "detections": len(outputs[-1][0]),
+        "detections": detections,
         "outputs_identical_to_predict": identical,
         **photo_result,
         "peak_rss_gb": peak_rss,

@@ -10,7 +10,7 @@ import torch
 
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler
-from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, roi_levels
+from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, boxes_to_rois, roi_levels
 from oilleak.models.mask_head import HTCMaskHead, mask_targets, paste_mask_crops, paste_masks
 from oilleak.models.presets import InferenceSpec, RoIHeadSpec
 from oilleak.models.semantic_head import FusedSemanticHead
@@ -173,9 +173,9 @@ def test_mask_probabilities_merge_the_stages_as_configured():
         _, semantic = head.semantic_head(feats)
         stage_logits = head.mask_cascade(feats, semantic, boxes)
         by_hand = (torch.sigmoid(stage_logits[0]) + torch.sigmoid(stage_logits[1]) + torch.sigmoid(stage_logits[2])) / 3
-        assert torch.allclose(head.mask_probabilities(feats, semantic, boxes), by_hand, atol=1e-6)
+        assert torch.allclose(head.mask_probabilities(feats, semantic, boxes_to_rois(boxes)), by_hand, atol=1e-6)
         head.inference = replace(head.inference, mask_merge="last")
-        assert torch.allclose(head.mask_probabilities(feats, semantic, boxes), torch.sigmoid(stage_logits[2]), atol=1e-6)
+        assert torch.allclose(head.mask_probabilities(feats, semantic, boxes_to_rois(boxes)), torch.sigmoid(stage_logits[2]), atol=1e-6)
 
 
 def test_finish_pastes_each_detections_own_class():

@@ -20,6 +20,7 @@ from oilleak.data.transforms import pad_batch, prepare_image
 from oilleak.export.onnx_runtime import OnnxDetections, OnnxModel
 from oilleak.export.postprocess import resize_for_graph
 from oilleak.models.box_ops import box_iou
+from oilleak.models.htc import boxes_to_rois
 from oilleak.structures import Detections
 
 MIN_BOX_IOU = 0.99
@@ -122,6 +123,6 @@ def stage_errors(model: torch.nn.Module, onnx_model: OnnxModel, image: np.ndarra
             errors.note(f"s{stage}.deltas", deltas, outputs[f"s{stage}.deltas"])
         boxes, labels = torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["labels"]).long()
         if len(boxes):
-            probs = head.mask_probabilities(feats, semantic_feat, [boxes])
+            probs = head.mask_probabilities(feats, semantic_feat, boxes_to_rois([boxes]))
             errors.note("masks", probs[torch.arange(len(labels)), labels], outputs["masks"])
     return errors

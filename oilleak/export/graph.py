@@ -132,7 +132,7 @@ class DetectorGraph(nn.Module):
 
     def masks(self, feats: list[Tensor], semantic_feat: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
         """(n, 28, 28) mask probabilities of each detection's class, stages merged (``mask_probabilities``)."""
-        merged = self.model.roi_head.mask_probabilities(feats, semantic_feat, [boxes])
+        merged = self.model.roi_head.mask_probabilities(feats, semantic_feat, _rois(boxes))
         index = labels[:, None, None, None].expand(-1, 1, merged.shape[-2], merged.shape[-1])
         return merged.gather(1, index)[:, 0]
 

@@ -282,7 +282,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
         detections = self.detect(cascade, metas)
         if min_score > 0:
             detections = [d.above_or_best(min_score) for d in detections]
-        probs = self.mask_probabilities(feats, semantic_feat, [d.boxes for d in detections])
+        probs = self.mask_probabilities(feats, semantic_feat, boxes_to_rois([d.boxes for d in detections]))
         return self.finish(detections, probs, metas, rescale, mask_crops)
 
     def box_cascade(
@@ -327,12 +327,11 @@ class HybridTaskCascadeRoIHead(nn.Module):
             logits.append(head.logits(previous))
         return logits
 
-    def mask_probabilities(self, feats: Sequence[Tensor], semantic_feat: Tensor, boxes_per_image: Sequence[Tensor]) -> Tensor:
-        """(R, K, 28, 28) mask probabilities on the detected boxes, the stages merged by ``mask_merge``.
+    def mask_probabilities(self, feats: Sequence[Tensor], semantic_feat: Tensor, rois: Tensor) -> Tensor:
+        """(R, K, 28, 28) mask probabilities on the detections' (R, 5) RoIs, the stages merged by ``mask_merge``.
 
         With "last" the earlier stages' heads run only as far as the information flow needs (their features,
         not their upsampling and logits)."""
-        rois = boxes_to_rois(boxes_per_image)
         roi_feats = self.mask_roi_features(feats, semantic_feat, rois)
         if self.inference.mask_merge == "last":
             return self.mask_head[-1].logits(self._mask_features_up_to(self.num_stages - 1, roi_feats)).sigmoid()
