@@ -6,7 +6,7 @@ the export time and the file size.
 A randomly initialised model of the preset (BatchNorm statistics from the image, so the cascade runs on
 varied scores) is saved, exported with `oilleak export`'s function, and both paths predict the same BSData
 image resized to 1333x800 (the preset's scale): PyTorch ``Predictor``-equivalent (resize, model, paste) and
-``OnnxModel.detect`` (resize, graph, numpy paste). Median wall time of ``--repeats`` runs after one warm-up,
+``OnnxModel.detect`` (resize, graph, numpy paste); the PyTorch model is prepared as `oilleak predict` prepares it. Median wall time of ``--repeats`` runs after one warm-up,
 both with the same thread count. With ``--openvino`` the ONNX file is also read by OpenVINO, if installed
 (its ONNX reader has no DeformConv, so a DetectoRS file is expected to fail there; the error is printed).
 """
@@ -33,6 +33,7 @@ from oilleak.export.agreement import torch_detections  # noqa: E402
 from oilleak.export.onnx_export import export_checkpoint  # noqa: E402
 from oilleak.export.onnx_runtime import OnnxModel  # noqa: E402
 from oilleak.models.checkpoint import save_checkpoint  # noqa: E402
+from oilleak.models.inference_path import prepare_for_inference  # noqa: E402
 from oilleak.models.presets import build_model  # noqa: E402
 
 SCALE = (1333, 800)
@@ -68,6 +69,7 @@ def main() -> None:
     save_checkpoint(folder / "model.pth", model=model, config=config)
     report = export_checkpoint(folder / "model.pth", folder / "model.onnx")
     onnx_model = OnnxModel(folder / "model.onnx", threads=args.threads)
+    model = prepare_for_inference(model, "cpu")  # as `oilleak predict` runs it
 
     torch_s = timed(lambda: torch_detections(model, image, SCALE), args.repeats)
     onnx_s = timed(lambda: onnx_model.detect(image), args.repeats)

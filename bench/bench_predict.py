@@ -5,8 +5,14 @@ one image warms up, then N BSData images (1130x460 and the like, resized to the 
 through the whole predict loop: read, infer, outlines, overlay, JSON, summary. The model's share is timed
 separately. Untrained, the tiny model keeps ~94 of its 100 detections per image at the default threshold
 0.3 (a worst case for the file writing: a trained model finds a few stains per image) and the full one none.
+An entry may also name a trained checkpoint instead of a preset (``demo_output/train/latest.pth:100``).
+
+The resident memory (RSS) after each image is recorded: its value after the first image, after the last one,
+and the growth per image over the second half of the run (a leak shows there; allocator warm-up shows in the
+first half), with the process's peak.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_predict.py --presets detectors_htc_r50_tiny:5,detectors_htc_r50:3
+    .venv/bin/python bench/bench_predict.py --presets demo_output/train/latest.pth:100
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,33 +38,50 @@ REPO = Path(__file__).resolve().parents[1]
 BSDATA = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared")) / "data" / "bsdata" / "train"
 
 
+def rss_gb() -> float:
+    """The process's resident memory now (not its peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 class Timed:
-    """The predictor, with the seconds spent inside it."""
+    """The predictor, with the seconds spent inside it and the RSS after each call."""
 
     def __init__(self, predict):
-        self.predict, self.seconds = predict, 0.0
+        self.predict, self.seconds, self.rss = predict, 0.0, []
 
     def __call__(self, image):
         start = time.perf_counter()
         out = self.predict(image)
         self.seconds += time.perf_counter() - start
+        self.rss.append(rss_gb())
         return out
 
 
-def bench(preset: str, images: list[Path], warmup: Path, work: Path, device: torch.device) -> dict:
-    config = config_from_dict({"data": {"data_root": "unused", "classes": ["Pitting"]}, "model": {"preset": preset}})
+def load(entry: str, work: Path):
+    """A preset built untrained and saved, or a checkpoint's path; loaded as `oilleak predict` loads it."""
+    if entry.endswith(".pth"):
+        return model_from_checkpoint(entry)
+    config = config_from_dict({"data": {"data_root": "unused", "classes": ["Pitting"]}, "model": {"preset": entry}})
     torch.manual_seed(0)
-    save_checkpoint(work / f"{preset}.pth", model=build_model(config.model, 1), config=config)
-    model, config = model_from_checkpoint(work / f"{preset}.pth")
+    save_checkpoint(work / f"{entry}.pth", model=build_model(config.model, 1), config=config)
+    return model_from_checkpoint(work / f"{entry}.pth")
+
+
+def bench(entry: str, images: list[Path], warmup: Path, work: Path, device: torch.device) -> dict:
+    model, config = load(entry, work)
     timed = Timed(Predictor(model.to(device), config, device, config.predict.score_thr))
     timed(load_image(warmup))
-    timed.seconds = 0.0
+    timed.seconds, timed.rss = 0.0, []
     sources, _ = find_images([str(p) for p in images])
     start = time.perf_counter()
-    report = predict_images(timed, sources, work / preset, ["Pitting"], score_thr=config.predict.score_thr, progress=False)
+    report = predict_images(timed, sources, work / Path(entry).stem, list(config.data.classes),
+                            score_thr=config.predict.score_thr, progress=False)
     total = time.perf_counter() - start
+    half = timed.rss[len(timed.rss) // 2:]
     return {
-        "preset": preset,
+        "model": entry,
+        "preset": config.model.preset,
         "images": report.processed,
         "sizes": sorted({f"{load_image(p).shape[1]}x{load_image(p).shape[0]}" for p in images}),
         "instances_per_image": report.instances / report.processed,
@@ -66,6 +90,10 @@ def bench(preset: str, images: list[Path], warmup: Path, work: Path, device: tor
         "images_per_s": round(report.processed / total, 4),
         "model_s_per_image": round(timed.seconds / report.processed, 2),
         "outputs_s_per_image": round((total - timed.seconds) / report.processed, 2),
+        "rss_gb_after_first": round(timed.rss[0], 3),
+        "rss_gb_after_last": round(timed.rss[-1], 3),
+        "rss_mb_per_image_second_half": round(1024 * (half[-1] - half[0]) / max(len(half) - 1, 1), 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
 
 
