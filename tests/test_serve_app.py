@@ -20,8 +20,9 @@ class BrokenModel:
     info = {"checkpoint": "x.pth", "classes": ["oil"]}
     device = "cpu"
     config = SimpleNamespace(predict=SimpleNamespace(score_thr=0.3))
+    score_thr = 0.3
 
-    def __call__(self, images):
+    def __call__(self, images, min_score=0.0):
         raise RuntimeError("something deep inside the model broke")
 
 

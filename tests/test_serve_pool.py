@@ -24,13 +24,15 @@ class Recorder:
 
     def __init__(self):
         self.batches: list[int] = []
+        self.min_scores: list[float] = []
         self.release = threading.Event()
         self.release.set()
         self.fail = False
 
-    def __call__(self, images):
+    def __call__(self, images, min_score=0.0):
         self.release.wait(10)
         self.batches.append(len(images))
+        self.min_scores.append(min_score)
         if self.fail:
             raise RuntimeError("CUDA out of memory (pretend)")
         return [[Instance(0, float(im[0, 0, 0]) / 255, (0, 0, 1, 1), np.ones((1, 1), bool), (0, 0))] for im in images]
@@ -45,12 +47,14 @@ def test_batches_form_within_the_window_and_answers_reach_their_requests():
     model.release.clear()  # the worker holds the first image while the others queue up
     pool = InferencePool(model, workers=1, queue=8, max_batch=3, batch_wait_s=0.2)
     try:
-        futures = [f for v in range(7) for f in pool.submit([image(v * 30)])]
+        thresholds = [0.3, 0.5, 0.2, 0.9, 0.4, 0.6, 0.7]
+        futures = [f for v, thr in enumerate(thresholds) for f in pool.submit([image(v * 30)], min_score=thr)]
         time.sleep(0.1)
         model.release.set()
         scores = [f.result(10)[0].score for f in futures]
         assert scores == pytest.approx([v * 30 / 255 for v in range(7)])
         assert model.batches == [3, 3, 1]  # the first image waited for two more, up to max_batch
+        assert model.min_scores == [0.2, 0.4, 0.7]  # each batch keeps what its least demanding request shows
     finally:
         pool.close()
 

@@ -203,9 +203,9 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         image = await run_in_threadpool(decode_image, data, name, settings.max_upload_bytes, settings.max_pixels)
         return name, image
 
-    async def predicted(images: list[np.ndarray], tile: int | None) -> list[list[Instance]]:
+    async def predicted(images: list[np.ndarray], tile: int | None, score_thr: float) -> list[list[Instance]]:
         try:
-            futures = state.pool.submit(images, tile)
+            futures = state.pool.submit(images, tile, score_thr)
         except QueueFull as exc:
             raise HTTPException(503, f"busy: {exc}; retry shortly", headers={"Retry-After": RETRY_AFTER_S}) from None
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
@@ -217,7 +217,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
             name, pixels = await decoded(image)
         except UploadError as exc:
             return error(exc.status, exc.message)
-        (instances,) = await predicted([pixels], tile)
+        (instances,) = await predicted([pixels], tile, threshold(score_thr))
         return await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
 
     @app.post("/predict/batch", summary="Leaks in several photos (multipart fields `images`)")
@@ -233,7 +233,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
             except UploadError as exc:  # one bad photo does not spoil the others
                 results[k] = {"source": PurePath(upload.filename or "upload").name, "error": ERROR_CODES[exc.status],
                               "status": exc.status, "message": exc.message}
-        found = await predicted([pixels for _, _, pixels in good], tile) if good else []
+        found = await predicted([pixels for _, _, pixels in good], tile, threshold(score_thr)) if good else []
         for (k, name, pixels), instances in zip(good, found):
             results[k] = await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
         return {"model": model.info, "results": results}

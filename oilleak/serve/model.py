@@ -51,13 +51,15 @@ class ServedModel:
                 "scale": list(self.config.data.scale), "score_thr": self.score_thr, "device": str(self.device)}
 
     @torch.inference_mode()
-    def __call__(self, images: list[np.ndarray]) -> list[list[Instance]]:
-        """Every instance with a mask, whatever its score: each request applies its own threshold."""
+    def __call__(self, images: list[np.ndarray], min_score: float = 0.0) -> list[list[Instance]]:
+        """The instances scoring ``min_score`` or more and the best one, with masks (each request then applies
+        its own threshold; masks are not computed for the detections no answer shows)."""
         from oilleak.data.transforms import pad_batch, prepare_image
 
         prepared = [prepare_image(image, tuple(self.config.data.scale)) for image in images]
         batch, _ = pad_batch([tensor for tensor, _ in prepared])
-        detections = self.model.predict(batch.to(self.device), [meta for _, meta in prepared], mask_crops=True)
+        detections = self.model.predict(batch.to(self.device), [meta for _, meta in prepared], mask_crops=True,
+                                        min_score=min_score)
         return [instances_from_detections(dets, 0.0) for dets in detections]
 
 
@@ -94,6 +96,7 @@ class OnnxServedModel:
         return {"checkpoint": self.checkpoint, "preset": self.preset, "classes": self.classes,
                 "scale": list(self.onnx.scale), "score_thr": self.score_thr, "device": "cpu (onnxruntime)"}
 
-    def __call__(self, images: list[np.ndarray]) -> list[list[Instance]]:
-        """Every instance with a mask, whatever its score, one image at a time (the graph takes one)."""
+    def __call__(self, images: list[np.ndarray], min_score: float = 0.0) -> list[list[Instance]]:
+        """Every instance with a mask, whatever its score, one image at a time (the graph takes one; it
+        computes every detection's mask, so ``min_score`` saves nothing here)."""
         return [OnnxPredictor(self.onnx, 0.0)(image) for image in images]

@@ -5,6 +5,8 @@ Admission is decided when a request arrives: when ``queue`` images already wait,
 raises :class:`QueueFull` (the app answers 503 with Retry-After) instead of letting work pile up. A worker
 that takes an image waits up to ``batch_wait_s`` for more (up to ``max_batch``) and runs them as one padded
 batch: on a GPU one batch of N costs far less than N single passes. Tiled images run alone, tile by tile.
+Each image carries its request's score threshold; a batch computes masks for the detections at or above the
+lowest threshold in it (the model's ``min_score``), since the answers drop the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 from oilleak.predict.instances import Instance
 from oilleak.predict.tiling import predict_tiled
 
-BatchPredict = Callable[[list[np.ndarray]], list[list[Instance]]]
+# (images, min_score) -> each image's instances; at least those scoring min_score or more
+BatchPredict = Callable[[list[np.ndarray], float], list[list[Instance]]]
 
 
 class QueueFull(Exception):
@@ -32,6 +35,7 @@ class QueueFull(Exception):
 class _Job:
     image: np.ndarray
     tile: int | None
+    min_score: float
     future: Future
 
 
@@ -58,7 +62,7 @@ class InferencePool:
     def full(self) -> bool:
         return len(self._waiting) >= self.queue_size
 
-    def submit(self, images: list[np.ndarray], tile: int | None = None) -> list[Future]:
+    def submit(self, images: list[np.ndarray], tile: int | None = None, min_score: float = 0.0) -> list[Future]:
         """Queue the images of one request together or not at all (QueueFull). A request with more images
         than the queue holds is taken when the queue is empty, so no request size is refused forever."""
         with self._cond:
@@ -66,7 +70,7 @@ class InferencePool:
                 raise QueueFull("the server is shutting down")
             if self._waiting and len(self._waiting) + len(images) > self.queue_size or len(self._waiting) >= self.queue_size:
                 raise QueueFull(f"{len(self._waiting)} images are waiting (queue of {self.queue_size})")
-            jobs = [_Job(image, tile, Future()) for image in images]
+            jobs = [_Job(image, tile, min_score, Future()) for image in images]
             self._waiting.extend(jobs)
             self._cond.notify(len(jobs))
         return [job.future for job in jobs]
@@ -104,10 +108,11 @@ class InferencePool:
             results: list | None = None
             error: Exception | None = None
             try:
+                min_score = min(job.min_score for job in batch)
                 if batch[0].tile is not None:
-                    results = [predict_tiled(batch[0].image, lambda tile: self.predict([tile])[0], batch[0].tile)]
+                    results = [predict_tiled(batch[0].image, lambda tile: self.predict([tile], min_score)[0], batch[0].tile)]
                 else:
-                    results = self.predict([job.image for job in batch])
+                    results = self.predict([job.image for job in batch], min_score)
             except Exception as exc:  # the request fails, the worker lives on
                 error = exc
             finally:
