@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler, SamplingResult, batched_nms
 from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_mask_crops, paste_masks
-from oilleak.models.roi_align import roi_align
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import CroppedDetections, Detections, ImageMeta, Targets
 
@@ -62,7 +62,7 @@ def multilevel_roi_align(
     for level, stride in enumerate(strides):
         members = (levels == level).nonzero().flatten()
         order.append(members)
-        pooled.append(roi_align(feats[level], rois[members], output_size, 1.0 / stride))
+        pooled.append(roi_align(feats[level], rois[members], output_size, 1.0 / stride, 0, True))
     return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
 
@@ -141,7 +141,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
     # shared by training and inference
 
     def _semantic_rois(self, semantic_feat: Tensor, rois: Tensor, size: int) -> Tensor:
-        pooled = roi_align(semantic_feat, rois, self.layout.mask_roi_size, 1.0 / self.layout.semantic_stride)
+        pooled = roi_align(semantic_feat, rois, self.layout.mask_roi_size, 1.0 / self.layout.semantic_stride, 0, True)
         # box features are 7x7: the 14x14 semantic RoI features are average-pooled to match
         return pooled if size == self.layout.mask_roi_size else F.adaptive_avg_pool2d(pooled, size)
 
