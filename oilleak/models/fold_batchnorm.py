@@ -43,18 +43,27 @@ def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every ResNet's BatchNorms (stem, blocks, shortcuts) into their convolutions, in place.
 
     The model must be in eval mode: a training BatchNorm normalises with the batch's statistics, which no
-    fixed weight can reproduce.
+    fixed weight can reproduce. GroupNorm (``model.norm: group``) depends on each input and stays.
     """
     if model.training:
         raise ValueError("fold_frozen_batchnorm needs a model in eval() mode")
     for resnet in [m for m in model.modules() if isinstance(m, ResNet)]:
-        resnet.conv1, resnet.bn1 = folded_conv(resnet.conv1, resnet.bn1), nn.Identity()
+        _fold(resnet, "conv1", 1)
         for block in [m for m in resnet.modules() if isinstance(m, Bottleneck)]:
-            block.conv1, block.bn1 = folded_conv(block.conv1, block.bn1), nn.Identity()
+            _fold(block, "conv1", 1)
             if not isinstance(block.conv2, SAConv2d):
-                block.conv2, block.bn2 = folded_conv(block.conv2, block.bn2), nn.Identity()
-            block.conv3, block.bn3 = folded_conv(block.conv3, block.bn3), nn.Identity()
-            if block.downsample is not None:
+                _fold(block, "conv2", 2)
+            _fold(block, "conv3", 3)
+            if block.downsample is not None and isinstance(block.downsample[1], nn.BatchNorm2d):
                 conv, norm = block.downsample
                 block.downsample = nn.Sequential(folded_conv(conv, norm), nn.Identity())
     return model
+
+
+def _fold(owner: nn.Module, conv_name: str, index: int) -> None:
+    """``owner.<conv_name>`` and its norm (``bn<index>``, or ``gn<index>`` with GroupNorm) -> one conv."""
+    norm_name = f"{getattr(owner, 'norm_abbr', 'bn')}{index}"
+    norm = getattr(owner, norm_name)
+    if isinstance(norm, nn.BatchNorm2d):
+        setattr(owner, conv_name, folded_conv(getattr(owner, conv_name), norm))
+        setattr(owner, norm_name, nn.Identity())
