@@ -47,6 +47,8 @@ class DataConfig(_Section):
     # Training only: when given, each image draws one of these scales at random instead of `scale`.
     multi_scale: list[tuple[int, int]] = []
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Training only: mmdetection's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric: bool = False
     batch_size: int = Field(2, ge=1, description="images per GPU (or per process)")
     workers: int = Field(2, ge=0)
     # Images without annotations are valuable negatives for inspection data; mmdetection drops them.
