@@ -73,6 +73,10 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     preset: Literal[PRESETS] = "detectors_htc_r50"  # type: ignore[valid-type]
+    # The normalisation layers: "batch" is mmdetection's (BatchNorm in both ResNets, none in the heads; every
+    # mmdetection DetectoRS / HTC checkpoint); "group" is GroupNorm with 32 groups in both ResNets and after the
+    # HTC mask and semantic heads' convs, as mmdetection's GN configs. A checkpoint records it.
+    norm: Literal["batch", "group"] = "batch"
     # Test-time mask of the three cascade stages: the "last" stage only (mmdetection 3.3, whose checkpoints
     # and results oilleak reproduces) or the "mean" of their sigmoids (HTC paper, mmdet 2.x, the published
     # COCO numbers).

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from oilleak.config import ModelConfig, TrainConfig
-from oilleak.train.from_scratch import resolve_backbone_norm, train_batchnorm
+from oilleak.train.from_scratch import resolve_backbone_norm, train_backbones
 from oilleak.models.presets import build_model
 from oilleak.models.resnet import ResNet
 
@@ -20,14 +20,14 @@ def test_auto_is_mmdet_frozen_norm_with_weights_and_trained_norm_from_scratch():
     assert resolve_backbone_norm(TrainConfig(load_from="x.pth", backbone_norm="batch")) == "batch"
 
 
-def test_train_batchnorm_unfreezes_both_resnets_and_their_statistics_move():
+def test_train_backbones_unfreezes_both_resnets_and_their_statistics_move():
     model = build_model(ModelConfig(preset="detectors_htc_r50_tiny"), num_classes=1)
     resnets = [m for m in model.modules() if isinstance(m, ResNet)]
     assert len(resnets) == 2  # the backbone and the RFP's second ResNet
     stem = resnets[0].bn1
     assert not resnets[0].conv1.weight.requires_grad  # mmdet's frozen stem, as built
 
-    train_batchnorm(model)
+    train_backbones(model)
     model.train()
     norms = [m for r in resnets for m in r.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(n.training for n in norms)

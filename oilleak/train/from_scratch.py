@@ -1,7 +1,9 @@
 """Starting from random weights: BatchNorm that trains, or frozen BatchNorm with measured statistics.
 
 ``train.backbone_norm`` "batch" (opt-in; "auto" picks it without loaded weights, ``resolve_backbone_norm``) makes every backbone
-BatchNorm train on batch statistics and unfreezes the stem and stage 1 (``train_batchnorm``). Frozen
+BatchNorm train on batch statistics and unfreezes the stem and stage 1 (``train_backbones``). With
+``model.norm: group`` there are no statistics to freeze or measure; from random weights the stem and stage 1
+train as well (``train_backbones``), as in mmdetection's from-scratch GN configs. Frozen
 BatchNorm with statistics measured on a few batches at the start (below) leaves the normalisation fixed while
 the random weights under it change fast in the first hundreds of steps; the activations then drift by orders
 of magnitude and on BSData (full preset, 1333x800, batch 2) the SAC offsets reached NaN at iteration 24
@@ -35,7 +37,7 @@ def resolve_backbone_norm(cfg: TrainConfig) -> str:
     return "frozen" if (cfg.load_from or cfg.backbone_weights) else "batch"
 
 
-def train_batchnorm(model: nn.Module) -> None:
+def train_backbones(model: nn.Module) -> None:
     """Every ResNet in ``model`` (backbone and RFP's second one): BatchNorm on batch statistics in training,
     no frozen stages. Evaluation still uses the running statistics, so checkpoints load into any model."""
     for module in model.modules():

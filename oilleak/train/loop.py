@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from oilleak.config import Config, save_config
 from oilleak import distributed
 from oilleak.distributed import Runtime
-from oilleak.train.from_scratch import calibrate_frozen_batchnorm, resolve_backbone_norm, train_batchnorm
+from oilleak.train.from_scratch import calibrate_frozen_batchnorm, resolve_backbone_norm, train_backbones
 from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, set_lr
 from oilleak.train.stop_signals import StopSignals
 from oilleak.train.sample_order import EpochBatches, train_loader
@@ -272,8 +272,12 @@ class Trainer:
                 )
         pretrained = checkpoint is not None or self._load_initial_weights(model)
         model.to(self.runtime.device)
-        if resolve_backbone_norm(self.cfg) == "batch":
-            train_batchnorm(model)
+        if self.config.model.norm == "group":
+            if not pretrained:
+                train_backbones(model)
+                self.note("random weights, GroupNorm (model.norm): the backbones' stem and stage 1 train too")
+        elif resolve_backbone_norm(self.cfg) == "batch":
+            train_backbones(model)
             self.note("backbone BatchNorm trains on batch statistics (train.backbone_norm)")
         elif not pretrained:
             self._calibrate_batchnorm(model)
