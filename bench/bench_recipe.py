@@ -9,7 +9,7 @@ with the same seed, lr and clipping; only its recipe changes:
   a  frozen BatchNorm, statistics measured on 10 batches (the default without weights)
   b  trained BatchNorm (train.backbone_norm: batch)
   c  GroupNorm in the backbones and the mask / semantic heads (model.norm: group)
-  d  the best of a-c (mask AP, then box AP, then the lower loss of the last 10 iterations) + multi-scale
+  d  the best of a-c (mask AP, then box AP, then the lower loss of the last 10 iterations; or --base) + multi-scale
   e  d + photometric distortion
   f  e + twice the warm-up
 
@@ -95,7 +95,9 @@ def rank(result: dict) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=40, help="training iterations of every variant")
-    parser.add_argument("--variants", default="abcdef", help="which of a-f to run (d-f need a-c)")
+    parser.add_argument("--variants", default="abcdef", help="which of a-f to run")
+    parser.add_argument("--base", choices=list("abc"), default=None,
+                        help="what d-f build on (default: the best of the a-c run in this call)")
     parser.add_argument("--scale", type=int, nargs=2, default=(512, 320), metavar=("LONG", "SHORT"))
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.005, help="configs/bsdata.yaml's lr for a batch of 2")
@@ -114,27 +116,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     data_root = make_split(args.labelme, args.split_dir, None, 0.2)
-    started_on = machine()
-    results = [run_variant(v, BASE[v], args, data_root) for v in "abc" if v in args.variants]
-    if results and set("def") & set(args.variants):
-        best = max(results, key=rank)
+    report = {
+        "machine": machine(), "command": " ".join([sys.executable, *sys.argv]), "iterations": args.iters,
+        "scale": list(args.scale), "split": f"{args.labelme} -> oilleak convert --val-fraction 0.2 --seed 0",
+        "results": [],
+    }
+    results = report["results"]
+
+    def record(result: dict) -> None:  # written after every variant, so a stopped run keeps what it measured
+        results.append(result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+
+    for name in "abc":
+        if name in args.variants:
+            record(run_variant(name, BASE[name], args, data_root))
+    if set("def") & set(args.variants):
+        base = BASE[args.base] if args.base else max(results, key=rank)["overrides"]
         long_side, short_side = args.scale
         scales = [[round(long_side * r), round(short_side * r)] for r in MULTI_SCALE_RATIOS]
-        overrides = [*best["overrides"], f"data.multi_scale={json.dumps(scales)}"]
+        overrides = [*base, f"data.multi_scale={json.dumps(scales)}"]
         steps = {"d": [], "e": ["data.photometric=true"], "f": [f"train.warmup_iters={2 * args.warmup}"]}
         for name in "def":
             overrides = overrides + steps[name]
             if name in args.variants:
-                results.append(run_variant(name, overrides, args, data_root))
-    report = {
-        "machine": started_on, "command": " ".join([sys.executable, *sys.argv]), "iterations": args.iters,
-        "scale": list(args.scale), "split": f"{args.labelme} -> oilleak convert --val-fraction 0.2 --seed 0",
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+                record(run_variant(name, overrides, args, data_root))
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()
