@@ -47,6 +47,8 @@ class DataConfig(_Section):
     # Training only: when given, each image draws one of these scales at random instead of `scale`.
     multi_scale: list[tuple[int, int]] = []
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Training only: mmdetection's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric: bool = False
     batch_size: int = Field(2, ge=1, description="images per GPU (or per process)")
     workers: int = Field(2, ge=0)
     # Images without annotations are valuable negatives for inspection data; mmdetection drops them.
@@ -71,6 +73,10 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     preset: Literal[PRESETS] = "detectors_htc_r50"  # type: ignore[valid-type]
+    # The normalisation layers: "batch" is mmdetection's (BatchNorm in both ResNets, none in the heads; every
+    # mmdetection DetectoRS / HTC checkpoint); "group" is GroupNorm with 32 groups in both ResNets and after the
+    # HTC mask and semantic heads' convs, as mmdetection's GN configs. A checkpoint records it.
+    norm: Literal["batch", "group"] = "batch"
     # Test-time mask of the three cascade stages: the "last" stage only (mmdetection 3.3, whose checkpoints
     # and results oilleak reproduces) or the "mean" of their sigmoids (HTC paper, mmdet 2.x, the published
     # COCO numbers).

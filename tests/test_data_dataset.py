@@ -137,6 +137,16 @@ def test_loader_order_and_augmentation_depend_only_on_seed_and_epoch(sample_root
     assert _epoch(other_seed, 0) != first
 
 
+def test_photometric_is_drawn_from_the_sample_seed_and_leaves_other_draws(sample_root):
+    plain = build_dataset(data_config(sample_root, ["Pitting"]), "train", train=True)
+    distorted = build_dataset(data_config(sample_root, ["Pitting"], photometric=True), "train", train=True)
+    for dataset in (plain, distorted):
+        dataset.set_epoch(2, seed=5)
+    a, b, again = plain[1], distorted[1], distorted[1]
+    assert a.meta == b.meta and torch.equal(a.targets.boxes, b.targets.boxes)  # same scale and flip
+    assert torch.equal(b.image, again.image) and not torch.equal(a.image, b.image)
+
+
 def test_dataset_refuses_an_image_changed_after_the_check(tmp_path, sample_root):
     dataset = build_dataset(data_config(sample_root, ["Pitting"]), "val", train=False)
     record = dataset.records[0]

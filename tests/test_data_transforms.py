@@ -12,6 +12,7 @@ from PIL import Image
 
 from oilleak.data.coco import image_size
 from oilleak.data.transforms import (
+    PhotometricDistortion,
     boxes_to_original,
     load_image,
     normalize,
@@ -198,3 +199,41 @@ def test_load_image_rejects_unreadable_files(tmp_path):
         load_image(truncated)
     with pytest.raises(OSError):
         image_size(truncated, decode=True)
+
+
+def _distortion(**kwargs) -> PhotometricDistortion:
+    values = {"brightness": None, "contrast": None, "saturation": None, "hue": None, "contrast_first": False}
+    return PhotometricDistortion(**{**values, **kwargs})
+
+
+def test_photometric_brightness_and_contrast_by_hand():
+    grey = np.full((4, 5, 3), 100, np.uint8)
+    assert (_distortion(brightness=20.0)(grey) == 120).all()
+    assert (_distortion(brightness=-20.0, contrast=1.5)(grey) == 120).all()  # contrast last: (100 - 20) * 1.5
+    # brightness comes first either way; contrast_first only places contrast before or after the HSV part
+    assert (_distortion(brightness=-20.0, contrast=1.5, contrast_first=True)(grey) == 120).all()
+    assert (_distortion(brightness=32.0, contrast=1.5)(np.full((2, 2, 3), 200, np.uint8)) == 255).all()  # clipped
+    assert (_distortion(brightness=-32.0)(np.full((2, 2, 3), 10, np.uint8)) == 0).all()
+
+
+def test_photometric_saturation_one_and_hue_zero_are_identity():
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = _distortion(saturation=1.0, hue=0.0)(image)
+    assert out.dtype == np.uint8 and np.abs(out.astype(int) - image).max() <= 1  # HSV round trip in float32
+
+
+def test_photometric_saturation_and_hue_by_hand():
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 200
+    assert (_distortion(saturation=0.5)(red) == [200, 100, 100]).all()  # half saturated: min = max / 2
+    assert (_distortion(hue=-120.0)(red) == [0, 0, 200]).all()  # red (0 degrees) -> blue (240 degrees)
+    assert (_distortion()(red) == red).all()
+
+
+def test_photometric_draws_follow_mmdetection_ranges():
+    rng = np.random.default_rng(0)
+    draws = [PhotometricDistortion.draw(rng) for _ in range(400)]
+    for name, low, high in (("brightness", -32, 32), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5), ("hue", -18, 18)):
+        values = [getattr(d, name) for d in draws if getattr(d, name) is not None]
+        assert 150 < len(values) < 250 and low <= min(values) and max(values) <= high  # each with probability 0.5
+    assert 150 < sum(d.contrast_first for d in draws) < 250

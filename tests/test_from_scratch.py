@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from oilleak.config import ModelConfig, TrainConfig
-from oilleak.train.from_scratch import resolve_backbone_norm, train_batchnorm
+from oilleak.config import ModelConfig, TrainConfig, config_from_dict
+from oilleak.train.from_scratch import recipe_line, resolve_backbone_norm, train_backbones
 from oilleak.models.presets import build_model
 from oilleak.models.resnet import ResNet
 
@@ -20,14 +20,14 @@ def test_auto_is_mmdet_frozen_norm_with_weights_and_trained_norm_from_scratch():
     assert resolve_backbone_norm(TrainConfig(load_from="x.pth", backbone_norm="batch")) == "batch"
 
 
-def test_train_batchnorm_unfreezes_both_resnets_and_their_statistics_move():
+def test_train_backbones_unfreezes_both_resnets_and_their_statistics_move():
     model = build_model(ModelConfig(preset="detectors_htc_r50_tiny"), num_classes=1)
     resnets = [m for m in model.modules() if isinstance(m, ResNet)]
     assert len(resnets) == 2  # the backbone and the RFP's second ResNet
     stem = resnets[0].bn1
     assert not resnets[0].conv1.weight.requires_grad  # mmdet's frozen stem, as built
 
-    train_batchnorm(model)
+    train_backbones(model)
     model.train()
     norms = [m for r in resnets for m in r.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(n.training for n in norms)
@@ -39,3 +39,22 @@ def test_train_batchnorm_unfreezes_both_resnets_and_their_statistics_move():
 
     model.eval()  # evaluation uses the running statistics, as with frozen BatchNorm
     assert not any(n.training for n in norms)
+
+
+def test_the_recipe_line_says_what_the_run_does_and_why():
+    def line(weights="random", calibrated=0, **sections):
+        raw = {"data": {"data_root": ".", "classes": ["a"], **sections.get("data", {})},
+               "model": sections.get("model", {}), "train": sections.get("train", {})}
+        return recipe_line(config_from_dict(raw), weights, calibrated)
+
+    assert line(calibrated=10) == (
+        "recipe: random weights (no train.load_from / train.backbone_weights); frozen BatchNorm with statistics "
+        "measured on 10 training batches, stem and stage 1 frozen (train.backbone_norm: frozen); flip p 0.5; "
+        "warm-up 500 iterations")
+    assert "loaded weights; mmdetection's frozen BatchNorm, stem and stage 1 frozen" in line("loaded")
+    assert "BatchNorm on batch statistics, nothing frozen (train.backbone_norm: auto)" in line(train={"backbone_norm": "auto"})
+    assert "; GroupNorm (model.norm: group), nothing frozen;" in line(model={"norm": "group"})
+    resumed = line("resumed", model={"norm": "group"}, train={"load_from": "x.pth"})
+    assert resumed.startswith("recipe: the weights of the run being resumed; GroupNorm") and "stem and stage 1 frozen" in resumed
+    assert line(data={"multi_scale": [[512, 320], [640, 400]], "photometric": True}).endswith(
+        "flip p 0.5, 2 scales (data.multi_scale), photometric distortion (data.photometric); warm-up 500 iterations")

@@ -1,7 +1,7 @@
 """The torch Dataset of a COCO split and ``collate`` into a :class:`~oilleak.structures.Batch` (training's
 loader, which orders the samples, is :mod:`oilleak.train.sample_order`).
 
-Random augmentation (flip, multi-scale) of sample ``i`` in epoch ``e`` is drawn from a generator seeded with
+Random augmentation (flip, multi-scale, photometric distortion) of sample ``i`` in epoch ``e`` is drawn from a generator seeded with
 ``(seed, e, i)``, so an epoch yields the same batches whatever the number of workers and after a resume.
 """
 
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from oilleak.config import DataConfig
 from oilleak.data.coco import CocoSplit, ImageRecord, decode_masks, derive_sem_map, load_split, read_sem_map
-from oilleak.data.transforms import load_image, pad_batch, prepare_image, transform_train
+from oilleak.data.transforms import PhotometricDistortion, load_image, pad_batch, prepare_image, transform_train
 from oilleak.errors import OilleakError
 from oilleak.structures import Batch, ImageMeta, Targets
 
@@ -29,7 +29,7 @@ class Sample:
 
 
 class CocoDataset(Dataset):
-    """Images of one checked split. ``train=True``: random flip / multi-scale and targets; ``train=False``: the
+    """Images of one checked split. ``train=True``: random flip / multi-scale / photometric and targets; ``train=False``: the
     test transform and no targets (the ground truth for metrics is ``self.coco``)."""
 
     def __init__(self, split: CocoSplit, data_cfg: DataConfig, train: bool):
@@ -38,6 +38,7 @@ class CocoDataset(Dataset):
         self.scale = tuple(data_cfg.scale)
         self.multi_scale = [tuple(s) for s in data_cfg.multi_scale]
         self.flip_prob = data_cfg.flip_prob
+        self.photometric = data_cfg.photometric
         records = split.records
         if train and not data_cfg.keep_negatives:
             records = [r for r in records if r.instances]
@@ -97,8 +98,10 @@ class CocoDataset(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         scale = self.multi_scale[rng.integers(len(self.multi_scale))] if self.multi_scale else self.scale
         flip = bool(rng.random() < self.flip_prob)
+        # drawn after the flip, so switching it on leaves every other draw as it was
+        photometric = PhotometricDistortion.draw(rng) if self.photometric else None
         tensor, meta, targets = transform_train(
-            image, self.targets_at_original(record), scale, flip, record.image_id, record.file_name
+            image, self.targets_at_original(record), scale, flip, record.image_id, record.file_name, photometric
         )
         return Sample(tensor, meta, targets)
 

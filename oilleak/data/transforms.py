@@ -8,12 +8,15 @@ The pixels are mmdetection's, so an mmdetection checkpoint sees in oilleak what 
   ``imrescale``; the image with OpenCV's bilinear (``INTER_LINEAR``, no antialiasing when shrinking, unlike PIL's),
   masks and semantic maps by nearest neighbour (source pixel ``floor(dst * src / dst_size)``, as cv2's nearest);
 - horizontal flip: ``x1' = W - x2``, ``x2' = W - x1``;
+- photometric distortion (training, ``data.photometric``): mmdetection's ``PhotoMetricDistortion`` on the
+  resized image, see :class:`PhotometricDistortion`;
 - normalise: RGB, ``(x - MEAN) / STD``; padding to a multiple of 32 happens in :func:`pad_batch`, after
   normalisation, so padded image pixels are exactly 0 and padded semantic pixels are ``SEM_IGNORE``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -127,9 +130,51 @@ def flip_boxes(boxes: Tensor, width: int) -> Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class PhotometricDistortion:
+    """One draw of mmdetection's ``PhotoMetricDistortion``: brightness, contrast, saturation and hue changes,
+    each present (not None) with probability 0.5, contrast before or after the HSV part at random.
+
+    mmdetection works on an unclipped float image; here every step clips to 0..255 so that the HSV part and
+    the result stay an image (uint8 out). mmdetection's random channel swap is left out: the colour of a
+    stain is part of what is learnt.
+    """
+
+    brightness: float | None  # added to every channel, uniform in -32..32
+    contrast: float | None  # every channel multiplied, uniform in 0.5..1.5
+    saturation: float | None  # HSV saturation multiplied, uniform in 0.5..1.5
+    hue: float | None  # degrees added to the HSV hue, uniform in -18..18
+    contrast_first: bool
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> PhotometricDistortion:
+        contrast_first, *present = rng.integers(2, size=5).astype(bool)
+        values = (rng.uniform(-32, 32), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(-18, 18))
+        return cls(*(float(v) if p else None for p, v in zip(present, values)), contrast_first=bool(contrast_first))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) RGB uint8 -> the distorted (H, W, 3) RGB uint8."""
+        x = image.astype(np.float32)
+        if self.brightness is not None:
+            x = np.clip(x + self.brightness, 0, 255)
+        if self.contrast is not None and self.contrast_first:
+            x = np.clip(x * self.contrast, 0, 255)
+        if self.saturation is not None or self.hue is not None:
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float32: hue in degrees 0..360, saturation 0..1
+            if self.saturation is not None:
+                hsv[..., 1] = np.clip(hsv[..., 1] * self.saturation, 0, 1)
+            if self.hue is not None:
+                hsv[..., 0] = np.mod(hsv[..., 0] + self.hue, 360)
+            x = np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 255)
+        if self.contrast is not None and not self.contrast_first:
+            x = np.clip(x * self.contrast, 0, 255)
+        return np.rint(x).astype(np.uint8)
+
+
 def transform_train(image: np.ndarray, targets: Targets, scale: tuple[int, int], flip: bool,
-                    image_id: int = 0, file_name: str = "") -> tuple[Tensor, ImageMeta, Targets]:
-    """The training transform: resize to fit ``scale``, optionally flip, normalise.
+                    image_id: int = 0, file_name: str = "",
+                    photometric: PhotometricDistortion | None = None) -> tuple[Tensor, ImageMeta, Targets]:
+    """The training transform: resize to fit ``scale``, optionally flip and distort the colours, normalise.
 
     ``targets`` are in original image pixels (masks (K, H, W) bool, sem_seg (H, W) uint8); the returned
     targets are in the pixels of the returned (3, h, w) tensor.
@@ -144,6 +189,8 @@ def transform_train(image: np.ndarray, targets: Targets, scale: tuple[int, int],
         boxes = flip_boxes(boxes, img_w)
         masks = masks.flip(-1)
         sem_seg = sem_seg.flip(-1)
+    if photometric is not None:
+        resized = photometric(resized)
     meta = _meta(image_id, file_name, image.shape[:2], (img_h, img_w), scale_factor, flip)
     return normalize(resized), meta, Targets(boxes, targets.labels, masks, sem_seg)
 

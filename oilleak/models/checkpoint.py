@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,7 @@ def config_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint
 def build_with_weights(config: Config, state_dict: dict[str, Any], path: str | Path) -> nn.Module:
     """The model ``config`` describes with an oilleak checkpoint's weights: every tensor must fit."""
     model = build_model(config.model, config.num_classes)
+    check_norm(model, state_dict, str(path))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise OilleakError(
@@ -322,11 +323,31 @@ def _state_dict_of(obj: Mapping[str, Any], name: str) -> dict[str, torch.Tensor]
     return state
 
 
+def _norm_of(keys: Iterable[str]) -> str | None:
+    """"batch" or "group": the norm of the ResNet stem in a state dict (mmdet's ``bn1`` / ``gn1``), or None."""
+    for key in keys:
+        if match := re.fullmatch(r"(?:backbone\.)?([bg]n)1\.weight", key):
+            return "batch" if match.group(1) == "bn" else "group"
+    return None
+
+
+def check_norm(model: nn.Module, state: Mapping[str, Any], source: str) -> None:
+    """Refuse, with the fix, weights whose ResNets have the other kind of norm than ``model``'s (BatchNorm
+    vs GroupNorm): their norm tensors cannot load, and the network would run with initial norms."""
+    found, built = _norm_of(state), _norm_of(model.state_dict())
+    if found and built and found != built:
+        raise OilleakError(
+            f"{source} holds a {found.title()}Norm backbone but the model is built with model.norm: {built}; "
+            f"set model.norm: {found} in the config (or --set model.norm={found}) to use these weights"
+        )
+
+
 def _load_matching(
     model: nn.Module, state: dict[str, torch.Tensor], source: str, scope: tuple[str, ...] = ("",)
 ) -> LoadReport:
     """Copy the tensors of ``state`` whose key and shape match; report the rest. ``scope``: the key prefixes
     of the model that the file is meant to fill (missing keys are counted only there)."""
+    check_norm(model, state, source)
     own = model.state_dict()
     report = LoadReport(source)
     matching = {}

@@ -1,4 +1,4 @@
-"""Small building blocks: weight standardisation (ConvAWS2d) and mmdet's "conv named .conv" block.
+"""Small building blocks: weight standardisation (ConvAWS2d), mmdet's "conv named .conv" block, the norm layers.
 
 Adaptive Weight Standardisation (DetectoRS, Qiao et al. 2020, built on Weight Standardisation by Qiao et al.
 2019): every output channel's kernel is standardised to zero mean and unit variance, then scaled and shifted by
@@ -8,12 +8,29 @@ two per-channel buffers. The buffers are not trained; they exist so that a conv 
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Added to the per-channel variance before the square root (mmcv's value).
 WS_EPS = 1e-5
+# Group Normalization (Wu & He 2018) with 32 groups, as mmdetection's GN configs.
+GN_GROUPS = 32
+
+Norm = Literal["batch", "group"]
+# mmcv's build_norm_layer names a norm by its kind ("bn1" / "gn1"), so mmdet's BN and GN checkpoints both load.
+NORM_ABBR = {"batch": "bn", "group": "gn"}
+
+
+def norm_layer(norm: Norm, channels: int) -> nn.Module:
+    """BatchNorm, or GroupNorm with 32 groups; narrower layers (the tiny presets' 16 channels) get as many
+    groups as divide both, so a group never spans channels it cannot hold."""
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(GN_GROUPS, channels), channels)
+    return nn.BatchNorm2d(channels)
 
 
 def channel_mean_std(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,22 +110,27 @@ class ConvAWS2d(nn.Conv2d):
 
 
 class ConvBlock(nn.Module):
-    """A conv kept under the attribute ``conv``, optionally followed by ReLU.
+    """A conv kept under the attribute ``conv``, optionally GroupNorm (``gn``), optionally ReLU.
 
-    This reproduces the state-dict layout of mmcv's ``ConvModule`` without a norm layer
-    (``...lateral_convs.0.conv.weight``), so mmdet checkpoints load without renaming, and its init:
-    Kaiming normal (fan_out, relu) weights, zero bias.
+    This reproduces the state-dict layout of mmcv's ``ConvModule`` (``...lateral_convs.0.conv.weight``,
+    ``...convs.0.gn.weight``; the conv has no bias when a norm follows), so mmdet checkpoints load without
+    renaming, and its init: Kaiming normal (fan_out, relu) weights, zero bias.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, *, padding: int = 0, relu: bool = True
+        self, in_channels: int, out_channels: int, kernel_size: int, *, padding: int = 0, relu: bool = True,
+        group_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not group_norm)
+        self.gn = norm_layer("group", out_channels) if group_norm else None
         self.relu = relu
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv.bias)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
+        if self.gn is not None:
+            x = self.gn(x)
         return F.relu(x) if self.relu else x

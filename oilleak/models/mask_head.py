@@ -34,16 +34,17 @@ class HTCMaskHead(nn.Module):
         conv_out_channels: int = 256,
         num_convs: int = 4,
         with_conv_res: bool = True,
+        group_norm: bool = False,
     ) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            ConvBlock(in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, padding=1)
+            ConvBlock(in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, padding=1, group_norm=group_norm)
             for i in range(num_convs)
         )
         # upsample and conv_logits keep PyTorch's default init, as they do in mmdet (spec errata, §10)
         self.upsample = nn.ConvTranspose2d(conv_out_channels, conv_out_channels, 2, stride=2)
         self.conv_logits = nn.Conv2d(conv_out_channels, num_classes, 1)
-        self.conv_res = ConvBlock(conv_out_channels, conv_out_channels, 1) if with_conv_res else None
+        self.conv_res = ConvBlock(conv_out_channels, conv_out_channels, 1, group_norm=group_norm) if with_conv_res else None
 
     def features(self, roi_feats: Tensor, previous: Tensor | None = None) -> Tensor:
         """(R, C, M, M) RoI features (+ the previous stage's mask features) -> (R, C, M, M) mask features."""

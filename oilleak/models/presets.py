@@ -21,6 +21,7 @@ from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler
 from oilleak.models.detector import HybridTaskCascade
 from oilleak.models.fpn import FPN
 from oilleak.models.htc import HybridTaskCascadeRoIHead
+from oilleak.models.layers import Norm
 from oilleak.models.mask_head import HTCMaskHead
 from oilleak.models.resnet import ResNet
 from oilleak.models.rfp import RFP
@@ -36,6 +37,7 @@ class BackboneSpec:
     stage_with_sac: tuple[bool, bool, bool, bool] = (False, True, True, True)
     frozen_stages: int = 1
     norm_eval: bool = True
+    norm: Norm = "batch"
 
     @property
     def out_channels(self) -> list[int]:
@@ -107,6 +109,7 @@ class RoIHeadSpec:
     finest_scale: float = 56.0
     bbox_roi_size: int = 7
     mask_roi_size: int = 14
+    group_norm: bool = False  # GroupNorm after the mask and semantic heads' convs (mmdet's GN configs)
 
 
 @dataclass(frozen=True)
@@ -164,9 +167,20 @@ PRESETS: dict[str, Callable[[int], ModelSpec]] = {
 }
 
 
+def with_norm(spec: ModelSpec, norm: Norm) -> ModelSpec:
+    """``spec`` with ``norm`` in both ResNets and, for GroupNorm, in the mask and semantic heads' convs."""
+    rfp = spec.neck.rfp and replace(spec.neck.rfp, backbone=replace(spec.neck.rfp.backbone, norm=norm))
+    return replace(
+        spec,
+        backbone=replace(spec.backbone, norm=norm),
+        neck=replace(spec.neck, rfp=rfp),
+        roi_head=replace(spec.roi_head, group_norm=norm == "group"),
+    )
+
+
 def preset_spec(model_cfg: ModelConfig, num_classes: int) -> ModelSpec:
-    """The named preset with the test settings of ``model_cfg``."""
-    spec = PRESETS[model_cfg.preset](num_classes)
+    """The named preset with the norm and test settings of ``model_cfg``."""
+    spec = with_norm(PRESETS[model_cfg.preset](num_classes), model_cfg.norm)
     inference = InferenceSpec(
         score_thr=model_cfg.score_thr,
         nms_iou=model_cfg.nms_iou,
@@ -193,6 +207,7 @@ def _resnet(spec: BackboneSpec, rfp_inplanes: int | None = None) -> ResNet:
         frozen_stages=spec.frozen_stages,
         norm_eval=spec.norm_eval,
         rfp_inplanes=rfp_inplanes,
+        norm=spec.norm,
     )
 
 
@@ -243,6 +258,7 @@ def _roi_head(spec: RoIHeadSpec, inference: InferenceSpec, in_channels: int, num
                 conv_out_channels=spec.mask_channels,
                 num_convs=spec.mask_num_convs,
                 with_conv_res=t > 0,  # mask information flow: every stage but the first reads its predecessor
+                group_norm=spec.group_norm,
             )
             for t in range(len(stages))
         ],
@@ -252,6 +268,7 @@ def _roi_head(spec: RoIHeadSpec, inference: InferenceSpec, in_channels: int, num
             conv_out_channels=spec.semantic_channels,
             num_convs=spec.semantic_num_convs,
             loss_weight=spec.semantic_loss_weight,
+            group_norm=spec.group_norm,
         ),
         assigners=[
             MaxIoUAssigner(pos_iou_thr=s.iou_thr, neg_iou_thr=s.iou_thr, min_pos_iou=s.iou_thr, match_low_quality=s.match_low_quality)

@@ -8,7 +8,9 @@ The same class serves three roles:
   projection of the Recursive Feature Pyramid's feedback to its residual sum.
 
 Module names reproduce torchvision's and mmdet's state-dict keys (``conv1``, ``bn1``, ``layer{1..4}.{b}.conv2``,
-``downsample.0``, ``rfp_conv``), so both ImageNet and DetectoRS checkpoints load without renaming.
+``downsample.0``, ``rfp_conv``), so both ImageNet and DetectoRS checkpoints load without renaming. With
+``norm="group"`` (GroupNorm, Wu & He 2018, which normalises each image on its own and so trains from random
+weights at any batch size) the norms are ``gn1``.. as in mmdet's GN configs.
 
 Shapes: input (N, 3, H, W) -> C2..C5 at strides 4, 8, 16, 32 with ``4 * base_channels * 2**i`` channels.
 """
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oilleak.models.layers import ConvAWS2d
+from oilleak.models.layers import NORM_ABBR, ConvAWS2d, Norm, norm_layer
 from oilleak.models.sac import SAConv2d
 
 BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -33,7 +35,25 @@ def _conv(use_aws: bool, in_ch: int, out_ch: int, kernel: int, *, stride: int = 
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
 
 
-class Bottleneck(nn.Module):
+class _Norms:
+    """``norm1``.. name the norm layers whatever their kind (``bn1`` or ``gn1``), as mmdet's ResNet does."""
+
+    norm_abbr: str
+
+    @property
+    def norm1(self) -> nn.Module:
+        return getattr(self, f"{self.norm_abbr}1")
+
+    @property
+    def norm2(self) -> nn.Module:
+        return getattr(self, f"{self.norm_abbr}2")
+
+    @property
+    def norm3(self) -> nn.Module:
+        return getattr(self, f"{self.norm_abbr}3")
+
+
+class Bottleneck(_Norms, nn.Module):
     """1x1 -> 3x3 (stride here) -> 1x1, plus shortcut; optionally plus a projection of RFP feedback."""
 
     def __init__(
@@ -46,20 +66,22 @@ class Bottleneck(nn.Module):
         use_sac: bool,
         downsample: bool,
         rfp_inplanes: int | None = None,
+        norm: Norm = "batch",
     ) -> None:
         super().__init__()
         out_channels = planes * EXPANSION
+        self.norm_abbr = NORM_ABBR[norm]
         self.conv1 = _conv(use_aws, in_channels, planes, 1)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.add_module(f"{self.norm_abbr}1", norm_layer(norm, planes))
         if use_sac:
             self.conv2 = SAConv2d(planes, planes, stride=stride)
         else:
             self.conv2 = _conv(use_aws, planes, planes, 3, stride=stride, padding=1)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.add_module(f"{self.norm_abbr}2", norm_layer(norm, planes))
         self.conv3 = _conv(use_aws, planes, out_channels, 1)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.add_module(f"{self.norm_abbr}3", norm_layer(norm, out_channels))
         self.downsample = (
-            nn.Sequential(_conv(use_aws, in_channels, out_channels, 1, stride=stride), nn.BatchNorm2d(out_channels))
+            nn.Sequential(_conv(use_aws, in_channels, out_channels, 1, stride=stride), norm_layer(norm, out_channels))
             if downsample
             else None
         )
@@ -70,16 +92,16 @@ class Bottleneck(nn.Module):
         # In place where autograd allows it (no norm or conv needs its output for the backward pass):
         # fewer fresh activation-sized buffers, which cost page faults on CPU.
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
+        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        out = F.relu(self.norm2(self.conv2(out)), inplace=True)
+        out = self.norm3(self.conv3(out))
         out += identity
         if rfp_feat is not None:
             out += self.rfp_conv(rfp_feat)  # feedback joins before the final ReLU (DetectoRS eq. 4)
         return F.relu(out, inplace=True)
 
 
-class ResNet(nn.Module):
+class ResNet(_Norms, nn.Module):
     """Bottleneck ResNet returning C2..C5; see the module docstring for the DetectoRS options.
 
     ``frozen_stages``: the stem and the first ``frozen_stages`` stages get ``requires_grad=False`` and stay in
@@ -97,6 +119,7 @@ class ResNet(nn.Module):
         frozen_stages: int = 1,
         norm_eval: bool = True,
         rfp_inplanes: int | None = None,
+        norm: Norm = "batch",
     ) -> None:
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
@@ -108,9 +131,10 @@ class ResNet(nn.Module):
             raise ValueError(f"frozen_stages must be within -1..{len(blocks_per_stage)}, got {frozen_stages}")
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.norm_abbr = NORM_ABBR[norm]
 
         self.conv1 = _conv(use_aws, 3, base_channels, 7, stride=2, padding=3)
-        self.bn1 = nn.BatchNorm2d(base_channels)
+        self.add_module(f"{self.norm_abbr}1", norm_layer(norm, base_channels))
         in_channels = base_channels
         self.out_channels: list[int] = []
         self.strides = [4, 8, 16, 32]
@@ -129,6 +153,7 @@ class ResNet(nn.Module):
                         downsample=b == 0,
                         # feedback enters the first block of every stage but the first
                         rfp_inplanes=rfp_inplanes if b == 0 and i > 0 else None,
+                        norm=norm,
                     )
                 )
                 in_channels = planes * EXPANSION
@@ -142,7 +167,7 @@ class ResNet(nn.Module):
 
     def stem(self, x: Tensor) -> Tensor:
         """7x7/2 conv, BN, ReLU, 3x3/2 max-pool: (N, 3, H, W) -> (N, base_channels, H/4, W/4)."""
-        return F.max_pool2d(F.relu(self.bn1(self.conv1(x))), kernel_size=3, stride=2, padding=1)
+        return F.max_pool2d(F.relu(self.norm1(self.conv1(x))), kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: Tensor, rfp_feats: Sequence[Tensor] | None = None) -> list[Tensor]:
         """x (N, 3, H, W) -> [C2, C3, C4, C5].
@@ -180,7 +205,7 @@ class ResNet(nn.Module):
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
             return []
-        return [self.conv1, self.bn1, *self.stages()[: self.frozen_stages]]
+        return [self.conv1, self.norm1, *self.stages()[: self.frozen_stages]]
 
     def _freeze_stages(self) -> None:
         for module in self._frozen_modules():
@@ -188,7 +213,7 @@ class ResNet(nn.Module):
                 param.requires_grad_(False)
 
     def _init_weights(self) -> None:
-        """Used when not starting from ImageNet weights: Kaiming (fan_out) convs, unit BN (mmdet's default).
+        """Used when not starting from ImageNet weights: Kaiming (fan_out) convs, unit norms (mmdet's default).
 
         Only the ResNet's own convs: SAC extras keep their identity init and ``rfp_conv`` PyTorch's default.
         ConvAWS gamma/beta are then matched to the Kaiming weights, as loading ImageNet weights does, so the
@@ -207,6 +232,6 @@ class ResNet(nn.Module):
             if isinstance(conv, ConvAWS2d):
                 conv.match_gamma_beta_to_weight()
         for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

@@ -34,17 +34,19 @@ class FusedSemanticHead(nn.Module):
         num_convs: int = 4,
         label_scale: float = 1 / 8,
         loss_weight: float = 0.2,
+        group_norm: bool = False,
     ) -> None:
         super().__init__()
         self.fusion_level = fusion_level
         self.label_scale = label_scale
         self.loss_weight = loss_weight
-        self.lateral_convs = nn.ModuleList(ConvBlock(in_channels, in_channels, 1) for _ in range(num_ins))
+        gn = {"group_norm": group_norm}
+        self.lateral_convs = nn.ModuleList(ConvBlock(in_channels, in_channels, 1, **gn) for _ in range(num_ins))
         self.convs = nn.ModuleList(
-            ConvBlock(in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, padding=1)
+            ConvBlock(in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, padding=1, **gn)
             for i in range(num_convs)
         )
-        self.conv_embedding = ConvBlock(conv_out_channels, conv_out_channels, 1)
+        self.conv_embedding = ConvBlock(conv_out_channels, conv_out_channels, 1, **gn)
         self.conv_logits = nn.Conv2d(conv_out_channels, num_classes, 1)
         nn.init.kaiming_normal_(self.conv_logits.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.conv_logits.bias)

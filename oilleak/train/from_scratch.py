@@ -1,7 +1,9 @@
 """Starting from random weights: BatchNorm that trains, or frozen BatchNorm with measured statistics.
 
 ``train.backbone_norm`` "batch" (opt-in; "auto" picks it without loaded weights, ``resolve_backbone_norm``) makes every backbone
-BatchNorm train on batch statistics and unfreezes the stem and stage 1 (``train_batchnorm``). Frozen
+BatchNorm train on batch statistics and unfreezes the stem and stage 1 (``train_backbones``). With
+``model.norm: group`` there are no statistics to freeze or measure; from random weights the stem and stage 1
+train as well (``train_backbones``), as in mmdetection's from-scratch GN configs. Frozen
 BatchNorm with statistics measured on a few batches at the start (below) leaves the normalisation fixed while
 the random weights under it change fast in the first hundreds of steps; the activations then drift by orders
 of magnitude and on BSData (full preset, 1333x800, batch 2) the SAC offsets reached NaN at iteration 24
@@ -24,18 +26,48 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from oilleak.config import TrainConfig
+from oilleak.config import Config, TrainConfig
 from oilleak.models.resnet import ResNet
+
+
+def from_random_weights(cfg: TrainConfig) -> bool:
+    """Whether the run starts from random weights (a resumed run: whether the run it resumes did)."""
+    return not (cfg.load_from or cfg.backbone_weights)
 
 
 def resolve_backbone_norm(cfg: TrainConfig) -> str:
     """"frozen" or "batch": what ``train.backbone_norm`` means for this run ("auto": frozen with weights)."""
     if cfg.backbone_norm != "auto":
         return cfg.backbone_norm
-    return "frozen" if (cfg.load_from or cfg.backbone_weights) else "batch"
+    return "batch" if from_random_weights(cfg) else "frozen"
 
 
-def train_batchnorm(model: nn.Module) -> None:
+WEIGHTS = {"random": "random weights (no train.load_from / train.backbone_weights)", "loaded": "loaded weights",
+           "resumed": "the weights of the run being resumed"}
+
+
+def recipe_line(config: Config, weights: str, calibrated: int = 0) -> str:
+    """The line said before the first step: how this run normalises and augments its data, and why.
+    ``weights``: "random", "loaded" or "resumed"; ``calibrated``: the batches frozen BatchNorm was measured on."""
+    data, train = config.data, config.train
+    if config.model.norm == "group":
+        norm = "GroupNorm (model.norm: group), " + ("nothing frozen" if from_random_weights(train) else "stem and stage 1 frozen")
+    elif resolve_backbone_norm(train) == "batch":
+        norm = f"BatchNorm on batch statistics, nothing frozen (train.backbone_norm: {train.backbone_norm})"
+    elif weights == "random":
+        norm = (f"frozen BatchNorm with statistics measured on {calibrated} training batches, stem and stage 1 "
+                f"frozen (train.backbone_norm: {train.backbone_norm})")
+    else:
+        norm = f"mmdetection's frozen BatchNorm, stem and stage 1 frozen (train.backbone_norm: {train.backbone_norm})"
+    augment = [f"flip p {data.flip_prob:g}"]
+    if data.multi_scale:
+        augment.append(f"{len(data.multi_scale)} scales (data.multi_scale)")
+    if data.photometric:
+        augment.append("photometric distortion (data.photometric)")
+    return f"recipe: {WEIGHTS[weights]}; {norm}; {', '.join(augment)}; warm-up {train.warmup_iters} iterations"
+
+
+def train_backbones(model: nn.Module) -> None:
     """Every ResNet in ``model`` (backbone and RFP's second one): BatchNorm on batch statistics in training,
     no frozen stages. Evaluation still uses the running statistics, so checkpoints load into any model."""
     for module in model.modules():

@@ -26,7 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 from oilleak.config import Config, save_config
 from oilleak import distributed
 from oilleak.distributed import Runtime
-from oilleak.train.from_scratch import calibrate_frozen_batchnorm, resolve_backbone_norm, train_batchnorm
+from oilleak.train.from_scratch import (
+    calibrate_frozen_batchnorm,
+    from_random_weights,
+    recipe_line,
+    resolve_backbone_norm,
+    train_backbones,
+)
 from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, set_lr
 from oilleak.train.stop_signals import StopSignals
 from oilleak.train.sample_order import EpochBatches, train_loader
@@ -272,11 +278,16 @@ class Trainer:
                 )
         pretrained = checkpoint is not None or self._load_initial_weights(model)
         model.to(self.runtime.device)
-        if resolve_backbone_norm(self.cfg) == "batch":
-            train_batchnorm(model)
-            self.note("backbone BatchNorm trains on batch statistics (train.backbone_norm)")
-        elif not pretrained:
-            self._calibrate_batchnorm(model)
+        weights = "resumed" if checkpoint is not None else "loaded" if pretrained else "random"
+        calibrated = 0
+        if self.config.model.norm == "group":
+            if from_random_weights(self.cfg):  # GroupNorm has no statistics; a random stem has nothing to keep
+                train_backbones(model)
+        elif resolve_backbone_norm(self.cfg) == "batch":
+            train_backbones(model)
+        elif weights == "random":
+            calibrated = self._calibrate_batchnorm(model)
+        self.note(recipe_line(self.config, weights, calibrated))
         self.module = model  # the bare model: checkpoints and evaluation
         if self.runtime.distributed:
             # Every trainable parameter gets a gradient in every step (a batch without ground truth reaches the
@@ -305,12 +316,12 @@ class Trainer:
             return False
         return True
 
-    def _calibrate_batchnorm(self, model: nn.Module, max_batches: int = 10) -> None:
+    def _calibrate_batchnorm(self, model: nn.Module, max_batches: int = 10) -> int:
+        """Frozen BatchNorm's statistics from the first training batches; returns how many were used."""
         self.batches.set_position(0)
         self.train_set.set_epoch(0, self.cfg.seed)
         batches = (batch.images.to(self.runtime.device) for _, batch in zip(range(max_batches), self.loader))
-        count = calibrate_frozen_batchnorm(model, batches)
-        self.note(f"random weights: BatchNorm statistics (frozen in training) set from {count} training batch(es)")
+        return calibrate_frozen_batchnorm(model, batches)
 
     def _restore_train_state(self, state: dict[str, Any], path: Path, total_batch: int) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
