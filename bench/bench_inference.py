@@ -177,7 +177,6 @@ def run_oilleak(preset: str, num_classes: int, height: int, width: int, runs: in
             }}
     gpu = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
-    del model
     return {**gpu,
         "median_s": statistics.median(times[1:]),
         "times_s": [round(t, 3) for t in times],

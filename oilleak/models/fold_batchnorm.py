@@ -62,7 +62,7 @@ def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
 
 def _fold(owner: nn.Module, conv_name: str, index: int) -> None:
     """``owner.<conv_name>`` and its norm (``bn<index>``, or ``gn<index>`` with GroupNorm) -> one conv."""
-    norm_name = f"{getattr(owner, 'norm_abbr', 'bn')}{index}"
+    norm_name = f"{owner.norm_abbr}{index}"
     norm = getattr(owner, norm_name)
     if isinstance(norm, nn.BatchNorm2d):
         setattr(owner, conv_name, folded_conv(getattr(owner, conv_name), norm))
