@@ -34,13 +34,19 @@ _reference_only = False
 
 @contextmanager
 def reference_kernel() -> Iterator[None]:
-    """Run torchvision's kernel everywhere inside this block (its float32 rounding, bit for bit)."""
+    """Run torchvision's kernels (deformable convolution, RoIAlign) everywhere inside this block (their float32
+    rounding, bit for bit)."""
     global _reference_only
     before, _reference_only = _reference_only, True
     try:
         yield
     finally:
         _reference_only = before
+
+
+def reference_only() -> bool:
+    """Inside :func:`reference_kernel`."""
+    return _reference_only
 
 
 def vectorised_applies(x: Tensor, offset: Tensor, weight: Tensor) -> bool:

@@ -64,8 +64,5 @@ class HybridTaskCascade(nn.Module):
         scoring at least this get masks and are returned (see ``HybridTaskCascadeRoIHead.predict``)."""
         feats = self.extract_feat(images)
         proposals = self.rpn_head.proposals(*self.rpn_head(feats), list(metas), training=False)
-        # RoIAlign reads NCHW memory: a channels-last pyramid (the CPU inference path) would be copied at
-        # every one of its calls, so it is laid out once here (a no-op for NCHW)
-        feats = [feat.contiguous() for feat in feats]
         # the proposals' score column is ignored
         return self.roi_head.predict(feats, proposals, metas, mask_crops=mask_crops, min_score=min_score)

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler, SamplingResult, batched_nms
 from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_mask_crops, paste_masks
+from oilleak.models.roi_align import roi_align, roi_align_by_level
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import CroppedDetections, Detections, ImageMeta, Targets
 
@@ -55,15 +54,10 @@ def multilevel_roi_align(
 ) -> Tensor:
     """RoIAlign of every RoI on the level its size maps to -> (R, C, output_size, output_size).
 
-    ``sampling_ratio=0, aligned=True`` equals mmcv's RoIAlign as mmdet configures it (bit-identical on CPU).
+    ``sampling_ratio=0, aligned=True``: mmcv's RoIAlign as mmdet configures it (see ``models/roi_align.py``).
     """
     levels = roi_levels(rois, len(strides), finest_scale)
-    order, pooled = [], []
-    for level, stride in enumerate(strides):
-        members = (levels == level).nonzero().flatten()
-        order.append(members)
-        pooled.append(roi_align(feats[level], rois[members], output_size, 1.0 / stride, 0, True))
-    return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+    return roi_align_by_level(feats[: len(strides)], rois, levels, output_size, [1.0 / s for s in strides])
 
 
 @dataclass
@@ -141,9 +135,8 @@ class HybridTaskCascadeRoIHead(nn.Module):
     # shared by training and inference
 
     def _semantic_rois(self, semantic_feat: Tensor, rois: Tensor, size: int) -> Tensor:
-        pooled = roi_align(semantic_feat, rois, self.layout.mask_roi_size, 1.0 / self.layout.semantic_stride, 0, True)
         # box features are 7x7: the 14x14 semantic RoI features are average-pooled to match
-        return pooled if size == self.layout.mask_roi_size else F.adaptive_avg_pool2d(pooled, size)
+        return roi_align(semantic_feat, rois, self.layout.mask_roi_size, 1.0 / self.layout.semantic_stride, size)
 
     def run_box_head(self, stage: int, feats: Sequence[Tensor], semantic_feat: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Stage ``stage``'s box head on (R, 5) RoIs -> ((R, K + 1) logits, (R, 4) deltas)."""
