@@ -429,11 +429,16 @@ def _end_to_end_predict(
 ) -> list[Check]:
     """``model(images)`` (the caller has put it in eval mode), watching the backbone and neck outputs on the way."""
     out = fixture["outputs"]
-    seen: dict[str, Any] = {}
-    hooks = [
-        model.backbone.register_forward_hook(lambda _m, _i, o: seen.setdefault("backbone", o)),
-        model.neck.register_forward_hook(lambda _m, _i, o: seen.setdefault("neck", o)),
-    ]
+    seen: dict[str, list[Tensor]] = {}
+
+    def keep(name: str):
+        def hook(_module, _inputs, outputs: list[Tensor]) -> None:
+            # a copy: the detector's neck empties the backbone's list once it has used it
+            seen.setdefault(name, list(outputs))
+
+        return hook
+
+    hooks = [model.backbone.register_forward_hook(keep("backbone")), model.neck.register_forward_hook(keep("neck"))]
     try:
         (detections,) = model(images, metas)
     finally:

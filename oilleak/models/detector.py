@@ -44,7 +44,7 @@ class HybridTaskCascade(nn.Module):
 
     def extract_feat(self, images: Tensor) -> list[Tensor]:
         """The neck's pyramid P2..P6. Every neck takes the image: the RFP runs a second backbone on it."""
-        return self.neck(self.backbone(images), image=images)
+        return self.neck(self.backbone(images), image=images, consume_feats=True)
 
     def loss(self, images: Tensor, metas: Sequence[ImageMeta], targets: Sequence[Targets]) -> dict[str, Tensor]:
         feats = self.extract_feat(images)

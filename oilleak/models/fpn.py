@@ -42,6 +42,7 @@ class FPN(nn.Module):
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         return outs
 
-    def forward(self, feats: list[Tensor], image: Tensor | None = None) -> list[Tensor]:
-        """``image`` is accepted so every neck is called alike (``neck(backbone(x), image=x)``); unused here."""
+    def forward(self, feats: list[Tensor], image: Tensor | None = None, consume_feats: bool = False) -> list[Tensor]:
+        """``image`` and ``consume_feats`` are accepted so every neck is called alike (see ``RFP.forward``);
+        unused here."""
         return self.pyramid(feats)

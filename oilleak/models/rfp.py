@@ -84,13 +84,20 @@ class RFP(FPN):
         """ASPP of P3, P4, P5: what stages 2, 3, 4 of the second ResNet receive (P2 and P6 feed nothing)."""
         return [self.rfp_aspp(p) for p in pyramid[1:4]]
 
-    def forward(self, feats: list[Tensor], image: Tensor | None = None) -> list[Tensor]:
+    def forward(self, feats: list[Tensor], image: Tensor | None = None, consume_feats: bool = False) -> list[Tensor]:
+        """``consume_feats``: empty the ``feats`` list once the first pyramid is built, so the first backbone's
+        maps are freed before the second backbone runs (the detector's call; 129 MB at 1333x800)."""
         if image is None:
             raise ValueError("RFP needs the input image for its second backbone pass: call neck(feats, image=images)")
         pyramid = self.pyramid(feats)
+        if consume_feats:
+            feats.clear()
         for rfp_backbone in self.rfp_modules:
             recursive = self.pyramid(rfp_backbone(image, rfp_feats=self.feedback(pyramid)))
-            pyramid = [self._fuse(new, old) for new, old in zip(recursive, pyramid)]
+            # level by level, dropping each old and new level once fused: the peak holds two pyramids, not three
+            for level in range(len(pyramid)):
+                pyramid[level] = self._fuse(recursive[level], pyramid[level])
+                recursive[level] = None
         return pyramid
 
     def _fuse(self, new: Tensor, old: Tensor) -> Tensor:

@@ -52,6 +52,9 @@ def roi_align(feat: Tensor, rois: Tensor, output_size: int, spatial_scale: float
 
     feat (N, C, H, W); rois (R, 5) rows (image index, x1, y1, x2, y2) in input pixels. -> (R, C, s, s).
     """
+    if not separable_applies(feat, rois):
+        out = torchvision_roi_align(feat, rois, output_size, spatial_scale, 0, True)
+        return out if pooled_size in (None, output_size) else F.adaptive_avg_pool2d(out, pooled_size)
     levels = rois.new_zeros(len(rois), dtype=torch.long)
     return roi_align_by_level([feat], rois, levels, output_size, [spatial_scale], pooled_size)
 
