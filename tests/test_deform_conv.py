@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-from oilleak.models.deform_conv import deform_conv2d, vectorised_applies
+from oilleak.models.deform_conv import deform_conv2d, reference_kernel, vectorised_applies
 from oilleak.models.sac import SAConv2d
 
 # float32: the sampled values are computed as torchvision computes them; only the GEMM's summation order
@@ -51,15 +51,59 @@ def test_points_on_the_edges(dtype):
     torch.testing.assert_close(deform_conv2d(x, offset, weight, **args), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
-def test_autograd_keeps_torchvision():
-    x, offset, weight = random_case(torch.float32, 1, 1, 1.0)
-    weight.requires_grad_(True)
-    assert not vectorised_applies(x, offset, weight)
-    with torch.no_grad():
-        assert vectorised_applies(x, offset, weight)
+# float64 gradients: the same sums in another order; float32 ones scatter-add in another order too
+GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def gradients(conv, x, offset, weight, upstream, args) -> list[torch.Tensor]:
+    inputs = [t.detach().clone().requires_grad_(True) for t in (x, offset, weight)]
+    conv(*inputs, **args).backward(upstream)
+    return [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 3)])
+@pytest.mark.parametrize("offset_scale", [0.7, 6.0])
+def test_gradients_equal_torchvision(dtype, stride, dilation, offset_scale):
+    """Training: the vectorised backward gives torchvision's gradients for input, offsets and weight."""
+    x, offset, weight = random_case(dtype, stride, dilation, offset_scale, seed=1)
+    args = {"stride": (stride, stride), "padding": (dilation, dilation), "dilation": (dilation, dilation)}
+    upstream = torch.randn(torchvision_deform_conv2d(x, offset, weight, **args).shape, dtype=dtype)
+    expected = gradients(torchvision_deform_conv2d, x, offset, weight, upstream, args)
+    got = gradients(deform_conv2d, x, offset, weight, upstream, args)
+    for name, a, b in zip(("input", "offset", "weight"), got, expected):
+        tol = GRAD_TOLERANCE[dtype]
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max(), msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gradients_on_the_edges():
+    """Points at -1, 0, integers and H-1 (the edge rule and floor's kinks) in float64."""
+    x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
+    weight = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    edges = torch.tensor([-1.0, -0.5, 0.0, 1.0, 4.5, 5.0, 5.5, 6.0, 7.0, -1.0 + 1e-6, 0.25], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(4)
+    offset = edges[torch.randint(len(edges), (1, 18, 6, 7), generator=generator)]
     args = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
-    deform_conv2d(x, offset, weight, **args).sum().backward()
-    assert weight.grad is not None
+    upstream = torch.randn(1, 2, 6, 7, dtype=torch.float64)
+    expected = gradients(torchvision_deform_conv2d, x, offset, weight, upstream, args)
+    for a, b in zip(gradients(deform_conv2d, x, offset, weight, upstream, args), expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck():
+    """The backward is the derivative of the forward (finite differences, float64, points away from kinks)."""
+    x, offset, weight = random_case(torch.float64, 1, 1, 0.7, seed=2)
+    x, offset, weight = x[:1, :2, :5, :6], offset[:1, :, :5, :6] + 0.123, weight[:2, :2]
+    args = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
+    inputs = [t.detach().clone().requires_grad_(True) for t in (x, offset, weight)]
+    assert torch.autograd.gradcheck(lambda a, b, c: deform_conv2d(a, b, c, **args), inputs)
+
+
+def test_reference_kernel_keeps_torchvision():
+    x, offset, weight = random_case(torch.float32, 1, 1, 1.0)
+    assert vectorised_applies(x, offset, weight)
+    with reference_kernel():
+        assert not vectorised_applies(x, offset, weight)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -71,7 +115,7 @@ def test_sac_is_the_same_with_either_kernel(stride):
         for parameter in sac.parameters():
             parameter.normal_(std=0.3)
     x = torch.randn(1, 6, 15, 19)
-    reference = sac(x).detach()  # parameters require grad: torchvision's op
+    reference = sac(x).detach()  # parameters require grad: the autograd function
     with torch.no_grad():
         fast = sac(x)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())

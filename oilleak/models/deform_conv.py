@@ -1,4 +1,4 @@
-"""Deformable convolution (Dai et al. 2017) for CPU inference: vectorised bilinear sampling, then one GEMM.
+"""Deformable convolution (Dai et al. 2017) on CPU: vectorised bilinear sampling, then one GEMM; and its backward.
 
 torchvision's CPU ``deform_conv2d`` samples every (channel, tap, output pixel) with a scalar loop, which is
 most of DetectoRS' CPU time. This computes the same thing with a few tensor ops:
@@ -14,14 +14,22 @@ neighbour is one contiguous row of channels; ``embedding_bag`` gathers and weigh
 the order of the final sums differs (float rounding). Switchable atrous convolution samples the same input
 twice (dilation d and 3d), so the table is built once and shared (:func:`sampling_table`).
 
-Only the inference path is replaced: with autograd, on CUDA or with groups, torchvision's op runs, and
-inside :func:`reference_kernel` (a check that needs torchvision's exact float32 summation order).
+Training uses the same sampling (:class:`DeformConv2dFunction`); its backward is the transpose of each step,
+
+    grad_weight = grad_out.T @ column;  grad_column = grad_out @ weight
+    grad_x[q] += bilinear_weight(p, q) * grad_column[pixel, tap]            (embedding_bag's backward)
+    grad_offset_y[pixel, tap] = sum_q d bilinear_weight(p, q) / dy * (x[q] . grad_column[pixel, tap])   (likewise x)
+
+which is torchvision's gradient (its coordinate weights, including a point exactly on -1) without its scalar
+per-element loops, which were 80 % of a CPU training step of the tiny preset. On CUDA, with groups, and inside :func:`reference_kernel`
+(a check that needs torchvision's exact float32 summation order) torchvision's op runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +58,18 @@ def reference_only() -> bool:
 
 
 def vectorised_applies(x: Tensor, offset: Tensor, weight: Tensor) -> bool:
-    """The vectorised path runs on CPU without autograd, for one offset group and one weight group."""
+    """The vectorised path runs on CPU, for one offset group and one weight group."""
     return (
         not _reference_only
         and x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad or weight.requires_grad))
         and x.dtype in (torch.float32, torch.float64)
         and weight.shape[1] == x.shape[1]
         and offset.shape[1] == 2 * weight.shape[2] * weight.shape[3]
     )
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def sampling_table(x: Tensor) -> Tensor:
@@ -70,6 +81,82 @@ def sampling_table(x: Tensor) -> Tensor:
     table = x.new_zeros(n, h + 2, w + 2, c)
     table[:, 1:-1, 1:-1].copy_(x.permute(0, 2, 3, 1))
     return table.view(-1, c)
+
+
+@dataclass
+class SamplingPlan:
+    """Where every (pixel, tap) of a deformable convolution samples its input's table.
+
+    rows (N, Ho, Wo, taps, 4): table rows of the four neighbours, in torchvision's order (y_low, x_low),
+    (y_low, x_high), (y_high, x_low), (y_high, x_high); weights: their bilinear weights (0 outside the edge
+    rule); frac (N, Ho, Wo, taps, 2): the fractional (y, x) part; reach: the points whose neighbours are
+    read (-1 <= y < H and -1 <= x < W; a point exactly on -1 samples 0 but has an offset gradient in
+    torchvision, from its neighbours on row or column 0).
+    """
+
+    rows: Tensor
+    weights: Tensor
+    frac: Tensor
+    reach: Tensor
+
+    def sample(self, table: Tensor, weights: Tensor | None = None) -> Tensor:
+        """(N * Ho * Wo * taps, C): every point's neighbours weighted by ``weights`` (default: bilinear)."""
+        weights = self.weights if weights is None else weights
+        return F.embedding_bag(self.rows.view(-1, 4), table, mode="sum", per_sample_weights=weights.reshape(-1, 4))
+
+
+def sampling_plan(
+    size: tuple[int, int, int],
+    offset: Tensor,
+    kernel_size: tuple[int, int],
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> SamplingPlan:
+    """The plan for an input of size (N, H, W), offset (N, 2*kh*kw, Ho, Wo) as (dy, dx) per tap."""
+    n, h, w = size
+    kh, kw = kernel_size
+    taps = kh * kw
+    ho, wo = offset.shape[-2:]
+    dtype, device = offset.dtype, offset.device
+
+    # Integer part of each sampling position, (Ho, Wo, taps, 2) as (y, x); exact in float.
+    tap_y = torch.arange(kh, device=device).repeat_interleave(kw) * dilation[0]
+    tap_x = torch.arange(kw, device=device).repeat(kh) * dilation[1]
+    out_y = torch.arange(ho, device=device) * stride[0] - padding[0]
+    out_x = torch.arange(wo, device=device) * stride[1] - padding[1]
+    grid = torch.stack(
+        torch.broadcast_tensors(out_y.view(ho, 1, 1) + tap_y, out_x.view(1, wo, 1) + tap_x), dim=-1
+    ).to(dtype)
+    # (N, Ho, Wo, taps, 2): the position plus its learned offset, one rounding as in torchvision
+    point = offset.detach().view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2).contiguous().add_(grid)
+    below_end = point < point.new_tensor([h, w])
+    inside = (point > -1).logical_and_(below_end).all(dim=-1)
+    reach = (point >= -1).logical_and_(below_end).all(dim=-1)
+    low = point.floor()
+    frac = point - low
+    # Weights of the (low, high) neighbour along y and x, then their products in torchvision's order.
+    along = torch.stack((1 - frac, frac), dim=-1)  # (..., 2 axes, 2 neighbours)
+    weights = (along[..., 0, :, None] * along[..., 1, None, :]).flatten(-2)
+    weights.mul_(inside.unsqueeze(-1))
+    # Row of the (y_low, x_low) neighbour in the bordered table; the other three are +1, +W+2, +W+3.
+    row_len = w + 2
+    low = low.long().add_(1)
+    first = low[..., 0] * row_len + low[..., 1]
+    first.mul_(reach).add_(torch.arange(n, device=device).view(n, 1, 1, 1) * ((h + 2) * row_len))
+    rows = first.unsqueeze(-1) + first.new_tensor([0, 1, row_len, row_len + 1])
+    return SamplingPlan(rows, weights, frac, reach)
+
+
+def _conv_from_columns(columns: Tensor, weight: Tensor, size: tuple[int, int, int]) -> Tensor:
+    """(N * Ho * Wo * taps, C) columns @ weight -> (N, O, Ho, Wo) in channels-last memory layout."""
+    n, ho, wo = size
+    out_channels = weight.shape[0]
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
+    with torch.autocast(columns.device.type, enabled=False):  # the input's dtype, as torchvision's kernel keeps it
+        out = columns.view(n * ho * wo, -1) @ kernel.t()  # (N*Ho*Wo, O)
+    return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
 
 
 def deform_conv2d_from_table(
@@ -85,46 +172,52 @@ def deform_conv2d_from_table(
     """Deformable convolution of the input behind ``table`` (:func:`sampling_table`); size = (N, H, W).
 
     offset (N, 2*kh*kw, Ho, Wo) as (dy, dx) per tap; weight (O, C, kh, kw); no bias. Returns (N, O, Ho, Wo)
-    in channels-last memory layout (the GEMM's natural output).
+    in channels-last memory layout (the GEMM's natural output). No autograd: see :class:`DeformConv2dFunction`.
     """
-    n, h, w = size
-    out_channels, channels, kh, kw = weight.shape
-    taps = kh * kw
-    ho, wo = offset.shape[-2:]
-    dtype, device = offset.dtype, offset.device
+    plan = sampling_plan(size, offset, weight.shape[-2:], stride=stride, padding=padding, dilation=dilation)
+    return _conv_from_columns(plan.sample(table), weight, (size[0], *offset.shape[-2:]))
 
-    # Integer part of each sampling position, (Ho, Wo, taps, 2) as (y, x); exact in float.
-    tap_y = torch.arange(kh, device=device).repeat_interleave(kw) * dilation[0]
-    tap_x = torch.arange(kw, device=device).repeat(kh) * dilation[1]
-    out_y = torch.arange(ho, device=device) * stride[0] - padding[0]
-    out_x = torch.arange(wo, device=device) * stride[1] - padding[1]
-    grid = torch.stack(
-        torch.broadcast_tensors(out_y.view(ho, 1, 1) + tap_y, out_x.view(1, wo, 1) + tap_x), dim=-1
-    ).to(dtype)
-    # (N, Ho, Wo, taps, 2): the position plus its learned offset, one rounding as in torchvision
-    point = offset.view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2).contiguous().add_(grid)
-    inside = (point > -1).logical_and_(point < point.new_tensor([h, w])).all(dim=-1)
-    low = point.floor()
-    frac = point - low
-    # Weights of the (low, high) neighbour along y and x, then their products in torchvision's order:
-    # (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high).
-    along = torch.stack((1 - frac, frac), dim=-1)  # (..., 2 axes, 2 neighbours)
-    weights = (along[..., 0, :, None] * along[..., 1, None, :]).flatten(-2)
-    weights.mul_(inside.unsqueeze(-1))
-    # Row of the (y_low, x_low) neighbour in the bordered table; the other three are +1, +W+2, +W+3.
-    row_len = w + 2
-    low = low.long().add_(1)
-    first = low[..., 0] * row_len + low[..., 1]
-    first.mul_(inside).add_(torch.arange(n, device=device).view(n, 1, 1, 1) * ((h + 2) * row_len))
-    rows = first.unsqueeze(-1) + first.new_tensor([0, 1, row_len, row_len + 1])
 
-    columns = F.embedding_bag(
-        rows.view(-1, 4), table, mode="sum", per_sample_weights=weights.view(-1, 4)
-    ).view(n, ho * wo, taps * channels)
-    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)
-    with torch.autocast(device.type, enabled=False):  # the input's dtype, as torchvision's kernel keeps it
-        out = columns @ kernel.t()  # (N, Ho*Wo, O)
-    return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
+class DeformConv2dFunction(torch.autograd.Function):
+    """The vectorised deformable convolution with its backward (module docstring). Inputs are saved, and the
+    plan and columns recomputed in the backward, so training holds no more memory than torchvision's op."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+        ctx.save_for_backward(x, offset, weight)
+        ctx.geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+        n, _, h, w = x.shape
+        return deform_conv2d_from_table(sampling_table(x), (n, h, w), offset, weight, **ctx.geometry).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, offset, weight = ctx.saved_tensors
+        n, channels, h, w = x.shape
+        out_channels, _, kh, kw = weight.shape
+        ho, wo = offset.shape[-2:]
+        table = sampling_table(x)
+        plan = sampling_plan((n, h, w), offset, (kh, kw), **ctx.geometry)
+        grad = grad_out.permute(0, 2, 3, 1).reshape(n * ho * wo, out_channels)
+        kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
+        grad_columns = (grad @ kernel).view(-1, channels)  # (N*Ho*Wo*taps, C)
+
+        # The sampling's own backward (embedding_bag's kernels) gives the table's gradient and, per neighbour,
+        # table[row] . grad_column: the gradient of its bilinear weight.
+        with torch.enable_grad():
+            leaf_table = table.requires_grad_()
+            leaf_weights = plan.weights.reshape(-1, 4).requires_grad_()
+            columns = F.embedding_bag(plan.rows.view(-1, 4), leaf_table, mode="sum", per_sample_weights=leaf_weights)
+            grad_table, grad_weights = torch.autograd.grad(columns, (leaf_table, leaf_weights), grad_columns)
+        grad_weight = (grad.t() @ columns.detach().view(n * ho * wo, -1)).view(out_channels, kh, kw, channels)
+        grad_x = grad_table.view(n, h + 2, w + 2, channels)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
+        # chain rule through the bilinear weights: d weight / dy and d weight / dx of the four neighbours
+        fy, fx = plan.frac.view(-1, 2).unbind(-1)
+        d_dy = torch.stack((fx - 1, -fx, 1 - fx, fx), dim=-1)
+        d_dx = torch.stack((fy - 1, 1 - fy, -fy, fy), dim=-1)
+        along = [(grad_weights * d).sum(-1) for d in (d_dy, d_dx)]
+        grad_offset = torch.stack(along, dim=-1).mul_(plan.reach.view(-1, 1)).view(n, ho, wo, kh * kw, 2)
+        grad_offset = grad_offset.permute(0, 3, 4, 1, 2).reshape(n, 2 * kh * kw, ho, wo)
+        return grad_x, grad_offset, grad_weight.permute(0, 3, 1, 2), None, None, None
 
 
 def deform_conv2d(
@@ -139,6 +232,8 @@ def deform_conv2d(
     """``torchvision.ops.deform_conv2d`` (no bias, no mask), vectorised where :func:`vectorised_applies`."""
     if not vectorised_applies(x, offset, weight):
         return torchvision_deform_conv2d(x, offset, weight, stride=stride, padding=padding, dilation=dilation)
+    if needs_grad(x, offset, weight):
+        return DeformConv2dFunction.apply(x, offset, weight, stride, padding, dilation)
     n, _, h, w = x.shape
     return deform_conv2d_from_table(
         sampling_table(x), (n, h, w), offset, weight, stride=stride, padding=padding, dilation=dilation

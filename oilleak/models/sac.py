@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
 
 from oilleak.errors import OilleakError
-from oilleak.models.deform_conv import deform_conv2d_from_table, sampling_table, vectorised_applies
+from oilleak.models.deform_conv import deform_conv2d, deform_conv2d_from_table, needs_grad, sampling_table, vectorised_applies
 from oilleak.models.layers import ConvAWS2d
 
 # The switch and offset input is smoothed by a 5x5 average over the reflect-padded map; reflection needs
@@ -83,7 +82,7 @@ class SAConv2d(ConvAWS2d):
         weight_large = weight + self.weight_diff.to(dtype)  # the difference is added after standardisation
         large_padding = tuple(3 * p for p in self.padding)
         large_dilation = tuple(3 * d for d in self.dilation)
-        if vectorised_applies(x, offset_s, weight):
+        if vectorised_applies(x, offset_s, weight) and not needs_grad(x, offset_s, offset_l, weight, weight_large):
             # CPU inference: both looks sample the same input, so its sampling table is built once
             table, size = sampling_table(x), (x.shape[0], x.shape[2], x.shape[3])
             small = deform_conv2d_from_table(
