@@ -58,9 +58,11 @@ def reference_only() -> bool:
 
 
 def vectorised_applies(x: Tensor, offset: Tensor, weight: Tensor) -> bool:
-    """The vectorised path runs on CPU, for one offset group and one weight group."""
+    """The vectorised path runs on CPU, for one offset group and one weight group, outside ONNX export's
+    tracing (whose graph has ONNX's DeformConv)."""
     return (
         not _reference_only
+        and not torch.jit.is_tracing()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and weight.shape[1] == x.shape[1]
