@@ -24,6 +24,10 @@ def test_bundled_configs_load_with_the_user_setup():
     assert (t.epochs, t.lr, t.base_batch_size, t.momentum, t.weight_decay) == (12, 0.02, 16, 0.9, 1e-4)
     assert (t.warmup_iters, t.warmup_ratio, t.milestones, t.gamma) == (500, 0.001, [8, 11], 0.1)
     assert load_config(REPO / "configs" / "bsdata.yaml").data.classes == ["Pitting"]
+    # the CPU config keeps the measured recipe (BENCHMARKS.md: the curve it was written from)
+    cpu = load_config(REPO / "configs" / "bsdata_cpu.yaml")
+    assert cpu.model.preset == "detectors_htc_r50_tiny" and cpu.data.scale == (512, 320)
+    assert (cpu.train.lr, cpu.train.base_batch_size, cpu.train.warmup_iters, cpu.train.grad_clip) == (0.01, 2, 50, 10.0)
 
 
 def test_overrides_are_typed_and_nested():
