@@ -71,6 +71,7 @@ def vectorised_applies(x: Tensor, offset: Tensor, weight: Tensor) -> bool:
 
 
 def needs_grad(*tensors: Tensor) -> bool:
+    """Autograd will record an op on these tensors."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -102,7 +103,8 @@ class SamplingPlan:
     reach: Tensor
 
     def sample(self, table: Tensor, weights: Tensor | None = None) -> Tensor:
-        """(N * Ho * Wo * taps, C): every point's neighbours weighted by ``weights`` (default: bilinear)."""
+        """(N * Ho * Wo * taps, C): every point's neighbours weighted by ``weights`` (default: the bilinear
+        ones; the backward passes them as a leaf to get their gradient)."""
         weights = self.weights if weights is None else weights
         return F.embedding_bag(self.rows.view(-1, 4), table, mode="sum", per_sample_weights=weights.reshape(-1, 4))
 
@@ -151,11 +153,16 @@ def sampling_plan(
     return SamplingPlan(rows, weights, frac, reach)
 
 
+def _kernel_matrix(weight: Tensor) -> Tensor:
+    """(O, C, kh, kw) -> (O, taps * C), the columns' (tap, channel) order."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
 def _conv_from_columns(columns: Tensor, weight: Tensor, size: tuple[int, int, int]) -> Tensor:
     """(N * Ho * Wo * taps, C) columns @ weight -> (N, O, Ho, Wo) in channels-last memory layout."""
     n, ho, wo = size
     out_channels = weight.shape[0]
-    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
+    kernel = _kernel_matrix(weight)
     with torch.autocast(columns.device.type, enabled=False):  # the input's dtype, as torchvision's kernel keeps it
         out = columns.view(n * ho * wo, -1) @ kernel.t()  # (N*Ho*Wo, O)
     return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
@@ -200,15 +207,14 @@ class DeformConv2dFunction(torch.autograd.Function):
         table = sampling_table(x)
         plan = sampling_plan((n, h, w), offset, (kh, kw), **ctx.geometry)
         grad = grad_out.permute(0, 2, 3, 1).reshape(n * ho * wo, out_channels)
-        kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
-        grad_columns = (grad @ kernel).view(-1, channels)  # (N*Ho*Wo*taps, C)
+        grad_columns = (grad @ _kernel_matrix(weight)).view(-1, channels)  # (N*Ho*Wo*taps, C)
 
         # The sampling's own backward (embedding_bag's kernels) gives the table's gradient and, per neighbour,
         # table[row] . grad_column: the gradient of its bilinear weight.
         with torch.enable_grad():
             leaf_table = table.requires_grad_()
             leaf_weights = plan.weights.reshape(-1, 4).requires_grad_()
-            columns = F.embedding_bag(plan.rows.view(-1, 4), leaf_table, mode="sum", per_sample_weights=leaf_weights)
+            columns = plan.sample(leaf_table, leaf_weights)
             grad_table, grad_weights = torch.autograd.grad(columns, (leaf_table, leaf_weights), grad_columns)
         grad_weight = (grad.t() @ columns.detach().view(n * ho * wo, -1)).view(out_channels, kh, kw, channels)
         grad_x = grad_table.view(n, h + 2, w + 2, channels)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)

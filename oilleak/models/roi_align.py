@@ -52,37 +52,39 @@ def roi_align(feat: Tensor, rois: Tensor, output_size: int, spatial_scale: float
 
     feat (N, C, H, W); rois (R, 5) rows (image index, x1, y1, x2, y2) in input pixels. -> (R, C, s, s).
     """
-    if not separable_applies(feat, rois):
-        out = torchvision_roi_align(feat, rois, output_size, spatial_scale, 0, True)
-        return out if pooled_size in (None, output_size) else F.adaptive_avg_pool2d(out, pooled_size)
-    levels = rois.new_zeros(len(rois), dtype=torch.long)
-    return roi_align_by_level([feat], rois, levels, output_size, [spatial_scale], pooled_size)
+    return roi_align_by_level([feat], rois, None, output_size, [spatial_scale], pooled_size)
 
 
 def roi_align_by_level(
     feats: Sequence[Tensor],
     rois: Tensor,
-    levels: Tensor,
+    levels: Tensor | None,
     output_size: int,
     spatial_scales: Sequence[float],
     pooled_size: int | None = None,
 ) -> Tensor:
-    """:func:`roi_align` of RoI r on ``feats[levels[r]]`` (at ``spatial_scales[levels[r]]``), in RoI order."""
+    """:func:`roi_align` of RoI r on ``feats[levels[r]]`` (at ``spatial_scales[levels[r]]``), in RoI order;
+    ``levels`` None: every RoI on the one map in ``feats``."""
     size = pooled_size or output_size
     if output_size % size:
         raise ValueError(f"pooled_size {size} must divide output_size {output_size}")
+    if levels is None and len(feats) != 1:
+        raise ValueError("levels=None needs exactly one feature map")
     if not separable_applies(feats[0], rois):
-        order, pooled = [], []
-        for level, (feat, scale) in enumerate(zip(feats, spatial_scales)):
-            members = (levels == level).nonzero().flatten()
-            order.append(members)
-            pooled.append(torchvision_roi_align(feat, rois[members], output_size, scale, 0, True))
-        out = torch.cat(pooled)[torch.argsort(torch.cat(order))]
+        if levels is None:  # no reordering: a traced graph keeps the RoI count dynamic
+            out = torchvision_roi_align(feats[0], rois, output_size, spatial_scales[0], 0, True)
+        else:
+            order, pooled = [], []
+            for level, (feat, scale) in enumerate(zip(feats, spatial_scales)):
+                members = (levels == level).nonzero().flatten()
+                order.append(members)
+                pooled.append(torchvision_roi_align(feat, rois[members], output_size, scale, 0, True))
+            out = torch.cat(pooled)[torch.argsort(torch.cat(order))]
         return out if size == output_size else F.adaptive_avg_pool2d(out, size)
     # channels-last rows, so that a window of the map is one strided matrix (no copy for channels-last maps)
     out = feats[0].new_empty(len(rois), size, size, feats[0].shape[1])
     for level, (feat, scale) in enumerate(zip(feats, spatial_scales)):
-        members = (levels == level).nonzero().flatten()
+        members = torch.arange(len(rois)) if levels is None else (levels == level).nonzero().flatten()
         if len(members):
             _separable_into(out, members, feat.permute(0, 2, 3, 1).contiguous(), rois[members], output_size, scale, size)
     return out.permute(0, 3, 1, 2)
