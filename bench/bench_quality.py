@@ -78,10 +78,12 @@ def build_config(args: argparse.Namespace, data_root: Path, work_dir: Path) -> C
         "data": {"data_root": str(data_root), "classes": ["Pitting"], "scale": list(args.scale),
                  "batch_size": args.batch_size, "workers": args.workers},
         "model": {"preset": PRESETS[args.preset]},
-        # A budget, not a schedule: a long single-step schedule, so the lr never decays within the budget.
+        # The budget ends the run (train.time_budget_s); epochs never do. From random weights the default lr
+        # schedule ("auto") is a cosine over the budget; --set train.lr_schedule=step keeps the lr constant
+        # (the milestone lies past the end), as the curves of 2026-11-30 and 2026-12-06 did.
         "train": {"epochs": 1000, "milestones": [1000], "lr": args.lr, "base_batch_size": args.batch_size,
                   "warmup_iters": args.warmup, "grad_clip": args.grad_clip or None, "work_dir": str(work_dir),
-                  "log_interval": 10, "seed": args.seed},
+                  "log_interval": 10, "seed": args.seed, "time_budget_s": args.budget_s},
     }
     return config_from_dict(config, "bench_quality", args.set)
 
@@ -128,7 +130,7 @@ def main() -> None:
     started_on = machine()
     points = [args.budget_s * (k + 1) / args.evals for k in range(args.evals)]
     curve: list[dict] = []
-    trained_s, diverged = 0.0, None
+    diverged, stopped_by = None, None
     with StopSignals() as signals:
         setup_start = time.perf_counter()
         trainer = Trainer(config, TrainOptions(device=args.device), runtime, console, signals)
@@ -138,27 +140,23 @@ def main() -> None:
         with log:
             trainer.log = log
             try:
-                while points:
+                while points and stopped_by is None:
                     trainer.batches.set_position(trainer.epoch, 0)
                     trainer.train_set.set_epoch(trainer.epoch, config.train.seed)
                     data = iter(trainer.loader)
                     for _ in range(trainer.batches.steps_per_epoch):
-                        start = time.perf_counter()
-                        trainer._step(data)
-                        if runtime.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        trained_s += time.perf_counter() - start
-                        if trained_s >= points[0]:
+                        stopped_by = trainer._step(data)  # the trainer counts the training seconds
+                        if trainer.trained_s >= points[0]:
                             points.pop(0)
-                            curve.append(evaluate(trainer, runtime, trained_s, trainer.iteration))
+                            curve.append(evaluate(trainer, runtime, trainer.trained_s, trainer.iteration))
                             print(json.dumps(curve[-1]), flush=True)
                             trainer.model.train()
-                            if not points:
-                                break
+                        if stopped_by is not None or not points:
+                            break
                     trainer.epoch += 1
             except Exception as exc:  # noqa: BLE001 - a diverged run is a result: record it
                 error = getattr(exc, "error", exc)  # the trainer wraps the reason
-                diverged = f"{type(error).__name__} after {trainer.iteration} iterations ({trained_s:.0f} s): {error}"
+                diverged = f"{type(error).__name__} after {trainer.iteration} iterations ({trainer.trained_s:.0f} s): {error}"
                 print(diverged, flush=True)
     result = {
         "tool": "oilleak", "preset": config.model.preset, "budget_s": args.budget_s, "setup_s": round(setup_s, 1),
@@ -168,6 +166,7 @@ def main() -> None:
         "train_images": len(trainer.train_set), "val_images": len(trainer.val_set),
         "parameters": sum(p.numel() for p in trainer.module.parameters()),
         "config": config.to_dict(), "curve": curve, "diverged": diverged,
+        "stopped_by": stopped_by if stopped_by in ("SIGINT", "SIGTERM") else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -37,6 +37,20 @@ SetOption = Annotated[
 ]
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``900``, ``900s``, ``15m`` or ``1.5h``."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    text = text.strip().lower()
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1.0)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise typer.BadParameter(f"{text!r} is not a duration; write seconds or a number with s, m or h, e.g. 900, 15m, 1.5h")
+    return seconds
+
+
 @app.callback()
 def _startup() -> None:
     """Runs before every command: a torch/torchvision pair that cannot run the model's ops is the most
@@ -164,6 +178,10 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when available]")] = None,
     amp: Annotated[bool, typer.Option("--amp", help="mixed precision on CUDA (ignored on CPU)")] = False,
     max_iters: Annotated[Optional[int], typer.Option(min=1, help="stop (resumably) after this many iterations")] = None,
+    time: Annotated[Optional[float], typer.Option(
+        "--time", parser=parse_duration, metavar="DURATION",
+        help="stop (evaluated, resumable) after this much training, e.g. 900, 15m, 1.5h (train.time_budget_s); "
+             "a cosine lr schedule (the default from random weights) runs over it")] = None,
     set_: SetOption = None,
 ) -> None:
     """Train on one CPU or GPU; on several GPUs or nodes run it under torchrun:
@@ -183,7 +201,7 @@ def train(
     options = TrainOptions(
         work_dir=work_dir, load_from=load_from, backbone_weights=backbone_weights, resume=resume,
         resume_from=resume_from, auto_scale_lr=auto_scale_lr, device=device, amp=amp, max_iters=max_iters,
-        config_name=str(config),
+        time_budget_s=time, config_name=str(config),
     )
     result = run_training(cfg, options, console)
     if result.stopped_by in ("SIGINT", "SIGTERM"):
@@ -366,7 +384,7 @@ def demo(
     check(config, gallery=out / "gallery", set_=None)
     console.rule(next(step))
     train(config, work_dir=None, load_from=None, backbone_weights=None, resume=False, resume_from=None,
-          auto_scale_lr=False, device=device, amp=False, max_iters=None, set_=None)
+          auto_scale_lr=False, device=device, amp=False, max_iters=None, time=None, set_=None)
     checkpoint = trained_checkpoint(out / "train")
     console.rule(next(step))
     test_(config, checkpoint, work_dir=out / "test", show_dir=out / "test" / "show", out=None, split="val",

@@ -100,6 +100,16 @@ class TrainConfig(_Section):
     milestones: list[int] = [8, 11]
     gamma: float = 0.1
     grad_clip: float | None = Field(None, gt=0.0, description="max gradient L2 norm; null = no clipping")
+    # "step": mmdetection's MultiStepLR (x gamma at each milestone epoch). "cosine": from lr down to
+    # lr x min_lr_ratio along a half cosine over the whole run, as ultralytics' cos_lr: a short run ends at a
+    # low lr instead of in the noise of a constant one. "auto": step with loaded weights (mmdetection's recipe),
+    # cosine from random weights, where it won on BSData (BENCHMARKS.md, "Quality on real photos").
+    lr_schedule: Literal["auto", "step", "cosine"] = "auto"
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="cosine: the lr at the end, as a fraction of lr")
+    # Stop after this many seconds of training steps (data loading included; evaluations and checkpoints not
+    # counted), with an evaluation and a resumable checkpoint, as ultralytics' time=. The cosine schedule then
+    # runs over the time (or over train.epochs when they end first).
+    time_budget_s: float | None = Field(None, gt=0.0, description="seconds of training; null = train.epochs decide")
     # The backbones' BatchNorm: "frozen" is mmdetection's recipe (running statistics fixed, stem and stage 1
     # frozen), built for ImageNet-initialised weights; "batch" trains every BatchNorm on batch statistics and
     # unfreezes the stem, which is what lets a detector learn from random weights (docs/design.md). "auto":

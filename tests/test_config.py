@@ -28,6 +28,7 @@ def test_bundled_configs_load_with_the_user_setup():
     cpu = load_config(REPO / "configs" / "bsdata_cpu.yaml")
     assert cpu.model.preset == "detectors_htc_r50_tiny" and cpu.data.scale == (512, 320)
     assert (cpu.train.lr, cpu.train.base_batch_size, cpu.train.warmup_iters, cpu.train.grad_clip) == (0.01, 2, 50, 10.0)
+    assert (cpu.train.lr_schedule, cpu.train.time_budget_s, cpu.train.min_lr_ratio, cpu.model.norm) == ("cosine", 900, 0.01, "group")
 
 
 def test_overrides_are_typed_and_nested():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from oilleak.config import TrainConfig
-from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, step_factor, warmup_factor
+from oilleak.train.schedule import build_optimizer, choose_lr, cosine_factor, lr_at, run_progress, step_factor, warmup_factor
 from oilleak.train.sample_order import EpochBatches
 from oilleak.train.log import grouped_losses, plot_curves
 from oilleak.train.state import CheckpointFiles, capture_rng, existing_outputs, restore_rng
@@ -35,11 +35,27 @@ def test_warmup_matches_mmdet3_linear_lr():
 
 
 def test_steps_after_epochs_8_and_11():
-    cfg = TrainConfig()
+    cfg = TrainConfig(load_from="detectors.pth")  # with loaded weights "auto" is mmdetection's step schedule
     # epochs are 0-based here: the 9th epoch (index 8) is the first at 0.1x, as mmdet's MultiStepLR([8, 11])
     assert [step_factor(e, cfg) for e in (0, 7, 8, 10, 11)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
     assert lr_at(0.02, 100_000, 11, cfg) == pytest.approx(0.0002)
     assert lr_at(0.02, 0, 0, cfg) == pytest.approx(0.02 * 0.001)
+
+
+def test_cosine_runs_from_lr_to_min_lr_ratio_over_the_run():
+    cfg = TrainConfig(lr_schedule="cosine", min_lr_ratio=0.01, warmup_iters=0)
+    # 0.01 + 0.99 * (1 + cos(pi p)) / 2 at p = 0, 1/4, 1/2, 1 and past the end
+    assert [cosine_factor(p, cfg) for p in (0, 0.25, 0.5, 1.0, 1.5)] == pytest.approx(
+        [1.0, 0.01 + 0.99 * (1 + 2**-0.5) / 2, 0.505, 0.01, 0.01])
+    assert lr_at(0.02, 300, 5, cfg, progress=0.5) == pytest.approx(0.02 * 0.505)  # milestones do not apply
+    # "auto": cosine from random weights, step with weights to start from
+    assert lr_at(0.02, 600, 9, TrainConfig(), progress=0.5) == pytest.approx(0.02 * 0.505)
+    assert lr_at(0.02, 600, 9, TrainConfig(backbone_weights="r50.pth"), progress=0.5) == pytest.approx(0.002)
+    # progress: iterations over all epochs' iterations, or training time over the budget, whichever is further
+    assert run_progress(30, 120, 1e9, cfg) == pytest.approx(0.25)
+    timed = TrainConfig(time_budget_s=600)
+    assert run_progress(30, 120, 450.0, timed) == pytest.approx(0.75)
+    assert run_progress(90, 120, 150.0, timed) == pytest.approx(0.75)
 
 
 def test_choose_lr_auto_scale_and_hint():

@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
-from oilleak.cli import app
+from oilleak.cli import app, parse_duration
 from oilleak.config import config_from_dict, save_config
 from test_train_loop import make_shapes, shapes_config
 
@@ -112,3 +114,10 @@ def test_bsdata_smoke_convert_train_resume(bsdata_dir, tmp_path):
     assert second.exit_code == 0, second.output
     assert "resuming from" in second.output and "segm_mAP" in (work / "log.jsonl").read_text()
     assert _iteration(work / "latest.pth") == 3 and (work / "epoch_1.pth").is_file()
+
+
+def test_time_option_reads_durations():
+    assert [parse_duration(t) for t in ("900", "900s", "15m", "1.5h", " 2M ")] == [900, 900, 900, 5400, 120]
+    for bad in ("", "m", "fast", "-5m", "0", "inf"):
+        with pytest.raises(typer.BadParameter, match="is not a duration"):
+            parse_duration(bad)

@@ -166,6 +166,39 @@ def test_a_run_shorter_than_an_epoch_is_evaluated_and_leaves_best_pth(shapes, tm
     assert f"checkpoint to test and predict with: {tmp_path / 'best.pth'}" in out.getvalue()
 
 
+def test_time_budget_stops_evaluated_and_resumable(shapes, tmp_path):
+    # a budget shorter than any step: the first step runs (0 s trained before it), the second sees the budget
+    # spent and does not run; the stop is evaluated, leaves best.pth and latest.pth with the seconds trained
+    out = io.StringIO()
+    result = run_training(shapes_config(shapes, tmp_path), TrainOptions(time_budget_s=1e-6, device="cpu"),
+                          Console(file=out, width=400))
+    assert (result.iterations, result.epochs_done, result.stopped_by) == (1, 0, "time")
+    state = train_state(tmp_path / "latest.pth")
+    assert (state["iteration"], state["step_in_epoch"]) == (1, 1) and state["trained_s"] > 0
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["iter"]) for r in records if r["type"] == "val"] == [(1, 1)]
+    assert (tmp_path / "best.pth").is_file()
+    assert "s of training (time budget 1e-06 s), 1 iterations" in out.getvalue()
+    # resumed with the same budget there is nothing left to train; with a larger one it goes on to the end
+    again = run_training(shapes_config(shapes, tmp_path), TrainOptions(time_budget_s=1e-6, resume=True, device="cpu"), quiet())
+    assert (again.iterations, again.stopped_by) == (1, "time")
+    rest = run_training(shapes_config(shapes, tmp_path), TrainOptions(time_budget_s=1e6, resume=True, device="cpu"), quiet())
+    assert (rest.iterations, rest.epochs_done, rest.stopped_by) == (6, 3, None)
+    assert train_state(tmp_path / "latest.pth")["trained_s"] > state["trained_s"]
+
+
+def test_cosine_schedule_by_iterations(shapes, tmp_path):
+    # 2 steps per epoch x 3 epochs; warm-up 2 iterations from 0.5 x lr; cosine to 0.1 x lr over 6 iterations
+    cfg = shapes_config(shapes, tmp_path, train={"lr_schedule": "cosine", "min_lr_ratio": 0.1, "warmup_iters": 2,
+                                                  "warmup_ratio": 0.5, "eval_interval": 3})
+    run_training(cfg, TrainOptions(device="cpu"), quiet())
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "train"]
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * i / 6)) / 2 for i in range(6)]
+    expected = [0.004 * w * c for w, c in zip([0.5, 1, 1, 1, 1, 1], cosine)]
+    assert logged == pytest.approx(expected, rel=1e-9)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
     # one step per epoch; warmup from lr 1e-6 to 1e6: the first step (epoch 1, checkpointed) is sane,
     # the second blows the weights up, the third meets NaN. No evaluation before the end.

@@ -42,6 +42,13 @@ def resolve_backbone_norm(cfg: TrainConfig) -> str:
     return "batch" if from_random_weights(cfg) else "frozen"
 
 
+def resolve_lr_schedule(cfg: TrainConfig) -> str:
+    """"step" or "cosine": what ``train.lr_schedule`` means for this run ("auto": cosine from random weights)."""
+    if cfg.lr_schedule != "auto":
+        return cfg.lr_schedule
+    return "cosine" if from_random_weights(cfg) else "step"
+
+
 WEIGHTS = {"random": "random weights (no train.load_from / train.backbone_weights)", "loaded": "loaded weights",
            "resumed": "the weights of the run being resumed"}
 
@@ -56,7 +63,8 @@ def recipe_line(config: Config, weights: str, calibrated: int = 0) -> str:
         norm = f"BatchNorm on batch statistics, nothing frozen (train.backbone_norm: {train.backbone_norm})"
     elif weights == "random":
         norm = (f"frozen BatchNorm with statistics measured on {calibrated} training batches, stem and stage 1 "
-                f"frozen (train.backbone_norm: {train.backbone_norm})")
+                f"frozen (train.backbone_norm: {train.backbone_norm}; model.norm: group trains from random weights "
+                "more stably, BENCHMARKS.md)")
     else:
         norm = f"mmdetection's frozen BatchNorm, stem and stage 1 frozen (train.backbone_norm: {train.backbone_norm})"
     augment = [f"flip p {data.flip_prob:g}"]
@@ -64,7 +72,20 @@ def recipe_line(config: Config, weights: str, calibrated: int = 0) -> str:
         augment.append(f"{len(data.multi_scale)} scales (data.multi_scale)")
     if data.photometric:
         augment.append("photometric distortion (data.photometric)")
-    return f"recipe: {WEIGHTS[weights]}; {norm}; {', '.join(augment)}; warm-up {train.warmup_iters} iterations"
+    return (f"recipe: {WEIGHTS[weights]}; {norm}; {', '.join(augment)}; warm-up {train.warmup_iters} iterations, "
+            + schedule_text(train))
+
+
+def schedule_text(train: TrainConfig) -> str:
+    """What the lr does after warm-up, and when the run ends."""
+    end = f"{train.epochs} epochs"
+    if train.time_budget_s is not None:
+        end = f"{train.time_budget_s:g} s of training or {end}, whichever comes first"
+    if resolve_lr_schedule(train) == "cosine":
+        return f"then cosine to {train.min_lr_ratio:g} x lr over {end} (train.lr_schedule: {train.lr_schedule})"
+    milestones = ", ".join(str(m) for m in train.milestones if m < train.epochs)
+    steps = f"x {train.gamma:g} after epoch{'s' if ',' in milestones else ''} {milestones}" if milestones else "constant lr"
+    return f"then {steps} (train.lr_schedule: {train.lr_schedule}), {end}"
 
 
 def train_backbones(model: nn.Module) -> None:

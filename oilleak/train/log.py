@@ -107,10 +107,17 @@ class TrainLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def step(self, *, step: int, epoch: int, lr: float, losses: dict[str, float], seconds: float, data_seconds: float) -> None:
-        """Record step ``step`` (1-based count of steps done) of epoch ``epoch`` (1-based)."""
+    def step(self, *, step: int, epoch: int, lr: float, losses: dict[str, float], seconds: float, data_seconds: float,
+             total_steps: int | None = None) -> None:
+        """Record step ``step`` (1-based count of steps done) of epoch ``epoch`` (1-based); ``total_steps``: a
+        new estimate of the last step (a time-budgeted run)."""
         if not self.enabled:
             return
+        if total_steps is not None and total_steps != self.total_steps:
+            self.total_steps = total_steps
+            self._progress.update(self._task, total=total_steps)
+            if self._lines is not None:
+                self._lines.total = total_steps
         for key, value in losses.items():
             self._window[key].append(value)
         self._window["time"].append(seconds)

@@ -33,7 +33,7 @@ from oilleak.train.from_scratch import (
     resolve_backbone_norm,
     train_backbones,
 )
-from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, set_lr
+from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, run_progress, set_lr
 from oilleak.train.stop_signals import StopSignals
 from oilleak.train.sample_order import EpochBatches, train_loader
 from oilleak.train.log import TrainLog
@@ -71,6 +71,7 @@ class TrainOptions:
     device: str | None = None  # "cpu" | "cuda"; default: cuda when available
     amp: bool = False
     max_iters: int | None = None  # stop (resumably) after this many steps in total
+    time_budget_s: float | None = None  # stop (resumably) after this much training (default: train.time_budget_s)
     config_name: str = "your config"  # how messages refer to the config file
 
 
@@ -80,7 +81,7 @@ class TrainResult:
     iterations: int
     epochs_done: int
     best: float | None  # best validation segm_mAP
-    stopped_by: str | None  # None: finished; "max-iters", "SIGINT", "SIGTERM"
+    stopped_by: str | None  # None: finished; "max-iters", "time" (train.time_budget_s), "SIGINT", "SIGTERM"
     model: nn.Module  # the trained model (not wrapped in DistributedDataParallel)
 
 
@@ -105,7 +106,11 @@ def diverged_advice(last_good: Path | None, work_dir: Path) -> str:
 
 
 class _StopBeforeStep(Exception):
-    """A stop was requested and this step cannot (or need not) run: save the state before it."""
+    """A stop was requested (a signal's name) or the time budget is spent ("time"), and this step cannot (or
+    need not) run: save the state before it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 class _AgreedStop(Exception):
@@ -143,6 +148,8 @@ def resolve_options(config: Config, options: TrainOptions) -> Config:
         config.train.backbone_weights = options.backbone_weights
     if options.amp:
         config.train.amp = True
+    if options.time_budget_s is not None:
+        config.train.time_budget_s = options.time_budget_s
     return config
 
 
@@ -206,8 +213,12 @@ class Trainer:
         self.files = CheckpointFiles(self.work_dir, keep=cfg.keep_checkpoints)
 
         self.epoch, self.step_in_epoch, self.iteration = 0, 0, 0
+        # Seconds spent in training steps, resumes included; the ranks agree on it every step (their mean), so
+        # they all stop for the time budget at the same step.
+        self.trained_s = 0.0
         self.best: float | None = None
         self._evaluated = False  # whether this run evaluated (for the closing advice)
+        self._evaluated_at: int | None = None  # the iteration of the last evaluation
         if checkpoint is not None:
             self._restore_train_state(checkpoint["train_state"], resume_path, total_batch)
         else:
@@ -328,6 +339,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.iteration = state["epoch"], state["step_in_epoch"], state["iteration"]
+        self.trained_s = state.get("trained_s", 0.0)
         self.best = state.get("best")
         same_shape = state["world_size"] == self.runtime.world_size and state["batch_size"] == self.config.data.batch_size
         if same_shape:
@@ -387,6 +399,9 @@ class Trainer:
             )
         elif stopped_by == "max-iters":
             self.note(f"stopped after --max-iters {self.options.max_iters}; latest checkpoint {self.files.latest}")
+        elif stopped_by == "time":
+            self.note(f"stopped after {self.trained_s:.0f} s of training (time budget {self.cfg.time_budget_s:g} s), "
+                      f"{self.iteration} iterations; latest checkpoint {self.files.latest}")
         else:
             self.note(f"training finished: {self.iteration} iterations, checkpoints in {self.work_dir}")
         self.note(self._checkpoint_to_use())
@@ -400,7 +415,9 @@ class Trainer:
             data = iter(self.loader)
             while self.step_in_epoch < steps:
                 outcome = self._step(data)
-                if outcome in ("SIGINT", "SIGTERM"):
+                if outcome == "time":
+                    self._evaluate_at_stop(self.epoch + 1)
+                if outcome is not None:
                     self._save_latest()
                     return outcome
                 if self._reached_max_iters() and self.step_in_epoch < steps:
@@ -420,16 +437,18 @@ class Trainer:
         return self.options.max_iters is not None and self.iteration >= self.options.max_iters
 
     def _step(self, data: Iterator) -> str | None:
-        """One optimisation step; returns the stop signal's name when the ranks agreed to stop after it."""
-        lr = lr_at(self.base_lr, self.iteration, self.epoch, self.cfg)
-        set_lr(self.optimizer, lr)
+        """One optimisation step; returns the stop signal's name when the ranks agreed to stop after it, or
+        "time" when the time budget was spent before it."""
         start = time.perf_counter()
         try:
             batch = self._load(data)
             data_seconds = time.perf_counter() - start
+            progress = run_progress(self.iteration, self.cfg.epochs * self.batches.steps_per_epoch, self.trained_s, self.cfg)
+            lr = lr_at(self.base_lr, self.iteration, self.epoch, self.cfg, progress)
+            set_lr(self.optimizer, lr)
             total, values, stopping = self._forward(batch)
-        except _StopBeforeStep:  # nothing of this step was applied: the state is still the last boundary's
-            return self.signals.received or "SIGTERM"
+        except _StopBeforeStep as stop:  # nothing of this step was applied: the state is still the last boundary's
+            return stop.reason
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.cfg.grad_clip:
@@ -440,9 +459,19 @@ class Trainer:
         self.iteration += 1
         self.step_in_epoch += 1
         self.boundary_rng = capture_rng()
-        self.log.step(step=self.iteration, epoch=self.epoch + 1, lr=lr, losses=values,
-                      seconds=time.perf_counter() - start, data_seconds=data_seconds)
+        seconds = time.perf_counter() - start
+        self.trained_s += seconds
+        self.log.step(step=self.iteration, epoch=self.epoch + 1, lr=lr, losses=values, seconds=seconds,
+                      data_seconds=data_seconds, total_steps=self._expected_steps())
         return (self.signals.received or "SIGTERM") if stopping else None
+
+    def _expected_steps(self) -> int:
+        """The step this training will end at, for the progress bar: with a time budget, estimated from the
+        mean step time so far."""
+        if self.cfg.time_budget_s is None:
+            return self.total_steps
+        left = max(self.cfg.time_budget_s - self.trained_s, 0.0)
+        return min(self.total_steps, self.iteration + math.ceil(left * self.iteration / max(self.trained_s, 1e-9)))
 
     def _load(self, data: Iterator) -> Batch:
         """The next batch, once every rank has one: DistributedDataParallel's forward starts with collectives
@@ -452,7 +481,9 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - shared with the other ranks first
             self._agree(error=exc)
         if self._agree():
-            raise _StopBeforeStep
+            raise _StopBeforeStep(self.signals.received or "SIGTERM")
+        if self.cfg.time_budget_s is not None and self.trained_s >= self.cfg.time_budget_s:
+            raise _StopBeforeStep("time")  # trained_s was just agreed: every rank stops here
         return batch
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float], bool]:
@@ -473,14 +504,16 @@ class Trainer:
         return total_loss(losses), values, stopping
 
     def _agree(self, *, error: BaseException | None = None, diverged: str | None = None) -> bool:
-        """All ranks learn whether any failed, diverged or was asked to stop (one small all-reduce).
-        Failures and divergence end every rank here; returns whether a stop was requested."""
-        failed, any_diverged, stopping = distributed.sum_across_ranks(
-            [float(error is not None), float(diverged is not None), float(self.signals.received is not None)],
+        """All ranks learn whether any failed, diverged or was asked to stop, and agree on the training time
+        (one small all-reduce). Failures and divergence end every rank here; returns whether a stop was requested."""
+        failed, any_diverged, stopping, trained_s = distributed.sum_across_ranks(
+            [float(error is not None), float(diverged is not None), float(self.signals.received is not None),
+             self.trained_s],
             self.runtime,
         )
+        self.trained_s = trained_s / self.runtime.world_size
         if failed and stopping:
-            raise _StopBeforeStep  # e.g. Ctrl-C also reached the loader workers, which then died
+            raise _StopBeforeStep(self.signals.received or "SIGTERM")  # e.g. Ctrl-C also reached the loader workers
         if failed:
             self._fail_together(error)
         if any_diverged:
@@ -547,7 +580,7 @@ class Trainer:
     def _evaluate_at_stop(self, epoch: int) -> None:
         """A run that --max-iters stops between evaluations is evaluated where it stops, so that even a run
         shorter than an epoch leaves a best.pth to test and predict with (when the val split has images)."""
-        if self.val_set is None:
+        if self.val_set is None or self._evaluated_at == self.iteration:
             return
         score = (self._evaluate(epoch) or {}).get(BEST_METRIC)
         if score is None or not math.isfinite(score) or (self.best is not None and score <= self.best):
@@ -565,7 +598,7 @@ class Trainer:
     def _evaluate(self, epoch: int) -> dict[str, float] | None:
         """Rank 0 evaluates the bare model on the validation split; the others wait for its metrics.
         ``epoch``: the (1-based) epoch the log files the metrics under."""
-        self._evaluated = True
+        self._evaluated, self._evaluated_at = True, self.iteration
         failure: BaseException | None = None
         outcome: tuple[dict[str, float] | None, str | None] = (None, None)
         if self.runtime.is_main:
@@ -600,6 +633,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "iteration": self.iteration,
+            "trained_s": self.trained_s,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.amp else None,
             "rng": distributed.gather(self.boundary_rng, self.runtime),

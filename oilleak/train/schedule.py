@@ -1,17 +1,21 @@
 """The optimiser and learning-rate schedule: mmdetection's 1x unless the config says otherwise.
 
 SGD, lr 0.02 for a total batch of 16, momentum 0.9, weight decay 1e-4 on every trainable parameter;
-linear warmup over the first ``warmup_iters`` iterations from ``warmup_ratio`` x lr, then x ``gamma`` at
-each milestone epoch. The lr is a closed-form function of (iteration, epoch), so resuming needs nothing
-but the iteration counter.
+linear warmup over the first ``warmup_iters`` iterations from ``warmup_ratio`` x lr, then either x ``gamma`` at
+each milestone epoch (``lr_schedule: step``, mmdetection's; the default with loaded weights) or a half cosine
+down to ``min_lr_ratio`` x lr over the run's progress (``lr_schedule: cosine``; the default from random weights). The lr is a closed-form function of (iteration, epoch, progress), so
+resuming needs nothing but the counters a checkpoint keeps.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from oilleak.config import TrainConfig
+from oilleak.train.from_scratch import resolve_lr_schedule
 
 
 def warmup_factor(iteration: int, cfg: TrainConfig) -> float:
@@ -26,8 +30,24 @@ def step_factor(epoch: int, cfg: TrainConfig) -> float:
     return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
-def lr_at(base_lr: float, iteration: int, epoch: int, cfg: TrainConfig) -> float:
-    return base_lr * warmup_factor(iteration, cfg) * step_factor(epoch, cfg)
+def cosine_factor(progress: float, cfg: TrainConfig) -> float:
+    """1 at progress 0, ``min_lr_ratio`` at progress 1 (and after), along a half cosine."""
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def run_progress(iteration: int, total_iters: int, trained_s: float, cfg: TrainConfig) -> float:
+    """How far the run is, 0..1: its iterations over all its epochs' iterations, or its training time over
+    ``time_budget_s``, whichever ends it first."""
+    progress = iteration / max(total_iters, 1)
+    if cfg.time_budget_s is not None:
+        progress = max(progress, trained_s / cfg.time_budget_s)
+    return progress
+
+
+def lr_at(base_lr: float, iteration: int, epoch: int, cfg: TrainConfig, progress: float = 0.0) -> float:
+    schedule = cosine_factor(progress, cfg) if resolve_lr_schedule(cfg) == "cosine" else step_factor(epoch, cfg)
+    return base_lr * warmup_factor(iteration, cfg) * schedule
 
 
 def choose_lr(cfg: TrainConfig, total_batch: int, auto_scale: bool) -> tuple[float, str]:
