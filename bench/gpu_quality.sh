@@ -55,7 +55,7 @@ if has full; then
 log "oilleak $FULL_PRESET preset: ${BUDGET_S} s on $DEVICE"
 $PY bench/bench_quality.py --preset "$FULL_PRESET" --val-fraction "$VAL_FRACTION" --device "$DEVICE" --budget-s "$BUDGET_S" --evals "$EVALS" \
     --scale $FULL_SCALE --workers "$WORKERS" --labelme "$BSDATA" --split-dir "$SPLIT" --lr 0.005 --grad-clip 35 \
-    --out "$OUT/quality_full.json" 2>&1 | tail -n 8
+    --set model.norm=group --out "$OUT/quality_full.json" 2>&1 | tail -n 8
 log "oilleak $FULL_PRESET: exit ${PIPESTATUS[0]}"
 fi
 
@@ -70,7 +70,7 @@ if has nan; then  # the NaN of issue 17: frozen BatchNorm, bsdata.yaml's old rec
     log "NaN check: $FULL_PRESET preset, frozen BatchNorm, lr 0.02 at batch 2, warmup 500, no clipping, ${NAN_S:-30} s"
     $PY bench/bench_quality.py --preset "$FULL_PRESET" --val-fraction "$VAL_FRACTION" --device "$DEVICE" \
         --budget-s "${NAN_S:-30}" --evals 1 --scale $FULL_SCALE --workers "$WORKERS" --labelme "$BSDATA" \
-        --split-dir "$SPLIT" --lr 0.02 --warmup 500 --grad-clip 0 --set train.backbone_norm=frozen \
+        --split-dir "$SPLIT" --lr 0.02 --warmup 500 --grad-clip 0 --set train.backbone_norm=frozen --set train.lr_schedule=step \
         --out "$OUT/nan_check_frozen.json" 2>&1 | tail -n 4
 fi
 if [ -f "$OUT/quality_yolo11n.raw.json" ]; then  # the peer's predictions scored by oilleak's evaluator
