@@ -1,4 +1,5 @@
-"""The separable CPU RoIAlign against a hand-computed case and torchvision's kernel (which mmcv's equals)."""
+"""The separable CPU RoIAlign and its backward against a hand-computed case and torchvision's kernel (which mmcv's
+equals)."""
 
 from __future__ import annotations
 
@@ -73,20 +74,82 @@ def test_levels_in_roi_order():
         torch.testing.assert_close(got[r : r + 1], expected, rtol=2e-6, atol=2e-6 * expected.abs().max())
 
 
-def test_training_and_reference_keep_torchvision():
-    """With autograd (training) and inside ``reference_kernel`` the output is torchvision's, bit for bit."""
+def torchvision_by_level(feats, rois, levels, output_size, scales, pooled_size=None):
+    """The reference: torchvision's op per RoI on its level (a list), then adaptive_avg_pool2d."""
+    out = torch.cat(
+        [
+            torchvision_roi_align(feats[level], rois[r : r + 1], output_size, scales[level], 0, True)
+            for r, level in enumerate(levels)
+        ]
+    )
+    return F.adaptive_avg_pool2d(out, pooled_size) if pooled_size else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("output_size", "pooled_size"), [(7, None), (14, 7)])
+def test_map_gradient_equals_torchvision(dtype, output_size, pooled_size):
+    """Two images, RoIs past every edge and of zero size; the semantic branch's pooled 14 -> 7 too."""
+    generator = torch.Generator().manual_seed(output_size)
+    feat = torch.randn(2, 6, 23, 31, generator=generator, dtype=dtype, requires_grad=True)
+    rois = random_rois(40, (23 * 8, 31 * 8), 2, generator, dtype)
+    out = roi_align(feat, rois, output_size, 1 / 8, pooled_size)
+    assert type(out.grad_fn).__name__ == "SeparableRoIAlignBackward"
+    grad_out = torch.randn(out.shape, generator=generator, dtype=dtype)
+    (got,) = torch.autograd.grad(out, feat, grad_out)
+    reference = torchvision_by_level([feat], rois, [0] * len(rois), output_size, [1 / 8], pooled_size)
+    (expected,) = torch.autograd.grad(reference, feat, grad_out)
+    assert expected.abs().sum() > 0 and (expected == 0).any()  # some of the map is read, some is not
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max())
+
+
+def test_level_gradients_equal_torchvision():
+    """Each level's map gets the gradient of its own RoIs only; a level with no RoIs gets zeros."""
+    generator = torch.Generator().manual_seed(7)
+    feats = [
+        torch.randn(2, 4, 40 // s, 48 // s, generator=generator, dtype=torch.float64, requires_grad=True) for s in (1, 2, 4, 8)
+    ]
+    rois = random_rois(30, (160, 192), 2, generator, torch.float64)
+    levels = torch.randint(3, (30,), generator=generator)  # none on the last level
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    out = roi_align_by_level(feats, rois, levels, 7, scales)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad(out, feats, grad_out)
+    expected = torch.autograd.grad(torchvision_by_level(feats, rois, levels.tolist(), 7, scales), feats, grad_out, allow_unused=True)
+    for level in range(3):
+        torch.testing.assert_close(got[level], expected[level], rtol=1e-12, atol=1e-12 * expected[level].abs().max())
+    assert torch.equal(got[3], torch.zeros_like(feats[3]))
+
+
+def test_gradcheck():
+    generator = torch.Generator().manual_seed(3)
+    feat = torch.randn(2, 2, 9, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(6, (36, 44), 2, generator, torch.float64)
+    assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, 4, 0.25, 2), (feat,))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # jit.trace: ONNX export's tracer
+def test_training_takes_the_separable_path_and_reference_keeps_torchvision():
+    """With autograd on the map (training) the matrix products run; with RoIs that require grad, in ONNX tracing
+    and inside ``reference_kernel`` the output is torchvision's, bit for bit."""
     generator = torch.Generator().manual_seed(2)
     feat = torch.randn(1, 3, 20, 20, generator=generator, requires_grad=True)
     rois = random_rois(10, (80, 80), 1, generator, torch.float32)
     expected = F.adaptive_avg_pool2d(torchvision_roi_align(feat, rois, 14, 0.25, 0, True), 7)
-    assert not separable_applies(feat, rois)
-    got = roi_align(feat, rois, 14, 0.25, 7)
-    assert torch.equal(got, expected)
+    assert separable_applies(feat, rois)
+    assert type(roi_align(feat, rois, 14, 0.25, 7).grad_fn).__name__ == "SeparableRoIAlignBackward"
+
+    trainable_rois = rois.clone().requires_grad_()
+    assert not separable_applies(feat, trainable_rois)
+    assert torch.equal(roi_align(feat, trainable_rois, 14, 0.25, 7), expected)
+    traced = torch.jit.trace(lambda f: roi_align(f, rois, 14, 0.25, 7), (feat,))
+    assert "torchvision::roi_align" in str(traced.graph)
+    with reference_kernel():
+        assert not separable_applies(feat, rois)
+        got = roi_align(feat, rois, 14, 0.25, 7)
+        assert torch.equal(got, expected)
     got.sum().backward()
     assert feat.grad is not None and feat.grad.abs().sum() > 0
-    with torch.no_grad(), reference_kernel():
-        assert not separable_applies(feat, rois)
-        assert torch.equal(roi_align(feat, rois, 14, 0.25, 7), expected)
 
 
 def test_pooled_size_must_divide():

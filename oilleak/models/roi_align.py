@@ -1,4 +1,4 @@
-"""RoIAlign (He et al. 2017) for CPU inference as two small matrix products per RoI.
+"""RoIAlign (He et al. 2017) on CPU as two small matrix products per RoI, and its backward.
 
 mmdet configures RoIAlign with ``aligned=True`` and an adaptive sampling grid (``sampling_ratio=0``): bin
 (i, j) of an RoI averages ``gh x gw`` bilinear samples, ``gh = ceil(roi_height / output_size)``. torchvision's
@@ -18,13 +18,21 @@ multiply-adds per channel. An average pool of the output (the semantic branch po
 the box head's 7x7) is folded into Wy and Wx. The positions and bilinear weights are computed as torchvision
 computes them; only the order of the sums differs (float rounding).
 
-Training (autograd), CUDA, and :func:`oilleak.models.deform_conv.reference_kernel` blocks run torchvision's
-op (and ``adaptive_avg_pool2d`` for the pooling).
+The map's gradient is the transpose, per RoI (:class:`SeparableRoIAlign`; RoIs get none, as in torchvision):
+
+    grad_feat[c, y0:y1, x0:x1] += Wy.T @ grad_out[c] @ Wx
+
+accumulated in place into the window by two GEMMs, where torchvision's CPU backward is again a scalar
+single-threaded loop (with its forward, a quarter to two fifths of a CPU training step of the tiny presets).
+CUDA, dtypes other than float32/64, ONNX export's tracing, RoIs that require grad, and
+:func:`oilleak.models.deform_conv.reference_kernel` blocks run torchvision's op (and ``adaptive_avg_pool2d``
+for the pooling).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +43,14 @@ from oilleak.models import deform_conv
 
 
 def separable_applies(feat: Tensor, rois: Tensor) -> bool:
-    """The matrix-product path runs on CPU without autograd, outside ``reference_kernel`` and ONNX export's
-    tracing (whose graph has ONNX's RoiAlign)."""
+    """The matrix-product path runs on CPU for RoIs that need no gradient, outside ``reference_kernel`` and
+    ONNX export's tracing (whose graph has ONNX's RoiAlign)."""
     return (
         not deform_conv.reference_only()
         and not torch.jit.is_tracing()
         and feat.device.type == "cpu"
         and feat.dtype in (torch.float32, torch.float64)
-        and not (torch.is_grad_enabled() and (feat.requires_grad or rois.requires_grad))
+        and not deform_conv.needs_grad(rois)
     )
 
 
@@ -81,31 +89,103 @@ def roi_align_by_level(
                 pooled.append(torchvision_roi_align(feat, rois[members], output_size, scale, 0, True))
             out = torch.cat(pooled)[torch.argsort(torch.cat(order))]
         return out if size == output_size else F.adaptive_avg_pool2d(out, size)
-    # channels-last rows, so that a window of the map is one strided matrix (no copy for channels-last maps)
-    out = feats[0].new_empty(len(rois), size, size, feats[0].shape[1])
+    if deform_conv.needs_grad(*feats):
+        return SeparableRoIAlign.apply(rois, levels, output_size, spatial_scales, size, *feats)
+    plans = _plan(feats, rois, levels, output_size, spatial_scales, size)
+    return _separable(feats, plans, len(rois), size)
+
+
+class Window(NamedTuple):
+    """The part of a map that one RoI reads, and its axis weights over it (:func:`axis_weights`)."""
+
+    image: int
+    rows: slice  # y0:y1
+    cols: slice  # x0:x1
+    weights_y: Tensor  # (size, y1 - y0)
+    weights_x: Tensor  # (size, x1 - x0), contiguous
+
+
+Plan = list[list[tuple[int, Window | None]]]  # per map: (output row, window) of each of its RoIs
+
+
+def _plan(
+    feats: Sequence[Tensor],
+    rois: Tensor,
+    levels: Tensor | None,
+    output_size: int,
+    spatial_scales: Sequence[float],
+    size: int,
+) -> Plan:
+    """Where every RoI reads its map (levels None: all on feats[0]); window None: it samples nothing (output 0)."""
+    plans = []
     for level, (feat, scale) in enumerate(zip(feats, spatial_scales)):
         members = torch.arange(len(rois)) if levels is None else (levels == level).nonzero().flatten()
-        if len(members):
-            _separable_into(out, members, feat.permute(0, 2, 3, 1).contiguous(), rois[members], output_size, scale, size)
+        boxes = rois[members, 1:].to(feat.dtype) * scale - 0.5
+        height, width = feat.shape[-2:]
+        weights_y, lo_y, hi_y = axis_weights(boxes[:, 1], boxes[:, 3], output_size, height, size)
+        weights_x, lo_x, hi_x = axis_weights(boxes[:, 0], boxes[:, 2], output_size, width, size)
+        edges = zip(rois[members, 0].long().tolist(), lo_y.tolist(), hi_y.tolist(), lo_x.tolist(), hi_x.tolist())
+        plan = []
+        for k, (r, (image, y0, y1, x0, x1)) in enumerate(zip(members.tolist(), edges)):
+            window = None
+            if y0 < y1 and x0 < x1:
+                y, x = slice(y0, y1), slice(x0, x1)
+                window = Window(image, y, x, weights_y[k, :, y], weights_x[k, :, x].contiguous())
+            plan.append((r, window))
+        plans.append(plan)
+    return plans
+
+
+def _separable(feats: Sequence[Tensor], plans: Plan, num_rois: int, size: int) -> Tensor:
+    """(num_rois, C, size, size): ``out[c] = Wy @ feat[c, window] @ Wx.T`` of every planned RoI."""
+    # channels-last rows, so that a window of the map is one strided matrix (no copy for channels-last maps)
+    out = feats[0].new_empty(num_rois, size, size, feats[0].shape[1])
+    for feat, plan in zip(feats, plans):
+        if not plan:
+            continue
+        table = feat.permute(0, 2, 3, 1).contiguous()
+        for r, window in plan:
+            if window is None:
+                out[r].zero_()
+                continue
+            region = table[window.image, window.rows, window.cols]  # (h, w, C), a view
+            rows = torch.mm(window.weights_y, region.reshape(region.shape[0], -1)).view(size, region.shape[1], -1)
+            torch.matmul(window.weights_x, rows, out=out[r])  # (size, size, C)
     return out.permute(0, 3, 1, 2)
 
 
-def _separable_into(
-    out: Tensor, members: Tensor, table: Tensor, rois: Tensor, output_size: int, spatial_scale: float, size: int
-) -> None:
-    """out[members[k]] (size, size, C) = RoIAlign of rois[k] on table (N, H, W, C)."""
-    height, width, channels = table.shape[1:]
-    boxes = rois[:, 1:].to(table.dtype) * spatial_scale - 0.5
-    weights_y, lo_y, hi_y = axis_weights(boxes[:, 1], boxes[:, 3], output_size, height, size)
-    weights_x, lo_x, hi_x = axis_weights(boxes[:, 0], boxes[:, 2], output_size, width, size)
-    windows = zip(members.tolist(), rois[:, 0].long().tolist(), lo_y.tolist(), hi_y.tolist(), lo_x.tolist(), hi_x.tolist())
-    for k, (r, image, y0, y1, x0, x1) in enumerate(windows):
-        if y1 <= y0 or x1 <= x0:
-            out[r].zero_()
-            continue
-        window = table[image, y0:y1, x0:x1].reshape(y1 - y0, -1)  # (h, w * C), a view
-        rows = torch.mm(weights_y[k, :, y0:y1], window).view(size, x1 - x0, channels)
-        torch.matmul(weights_x[k, :, x0:x1].contiguous(), rows, out=out[r])  # (size, size, C)
+class SeparableRoIAlign(torch.autograd.Function):
+    """:func:`roi_align_by_level`'s matrix products with the maps' gradient (module docstring); none for the
+    RoIs. The op is linear in the maps, so the backward needs only the plan (a few numbers per RoI)."""
+
+    @staticmethod
+    def forward(
+        ctx, rois: Tensor, levels: Tensor | None, output_size: int, spatial_scales: Sequence[float], size: int, *feats: Tensor
+    ) -> Tensor:
+        ctx.plans = _plan(feats, rois, levels, output_size, spatial_scales, size)
+        ctx.shapes = [feat.shape for feat in feats]
+        return _separable(feats, ctx.plans, len(rois), size)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_rows = grad_out.permute(0, 2, 3, 1).contiguous()  # (R, size, size, C), the forward's layout
+        size = grad_rows.shape[1]
+        grads = []
+        for shape, plan, needed in zip(ctx.shapes, ctx.plans, ctx.needs_input_grad[5:]):
+            if not needed:
+                grads.append(None)
+                continue
+            n, channels, height, width = shape
+            grad_table = grad_out.new_zeros(n, height, width, channels)
+            for r, window in plan:
+                if window is None:
+                    continue
+                # x first, (size, w, C); then the y GEMM adds straight into the window (h, w * C), a strided view
+                cols = torch.matmul(window.weights_x.t(), grad_rows[r])
+                region = grad_table[window.image, window.rows, window.cols]
+                region.view(region.shape[0], -1).addmm_(window.weights_y.t(), cols.view(size, -1))
+            grads.append(grad_table.permute(0, 3, 1, 2))
+        return (None, None, None, None, None, *grads)
 
 
 def axis_weights(start: Tensor, end: Tensor, output_size: int, length: int, pooled_size: int) -> tuple[Tensor, Tensor, Tensor]:
