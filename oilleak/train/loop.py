@@ -443,6 +443,7 @@ class Trainer:
         try:
             batch = self._load(data)
             data_seconds = time.perf_counter() - start
+            # over train.epochs, not --max-iters: a run stopped early keeps the lr of the full schedule
             progress = run_progress(self.iteration, self.cfg.epochs * self.batches.steps_per_epoch, self.trained_s, self.cfg)
             lr = lr_at(self.base_lr, self.iteration, self.epoch, self.cfg, progress)
             set_lr(self.optimizer, lr)

@@ -1,10 +1,11 @@
 """The optimiser and learning-rate schedule: mmdetection's 1x unless the config says otherwise.
 
 SGD, lr 0.02 for a total batch of 16, momentum 0.9, weight decay 1e-4 on every trainable parameter;
-linear warmup over the first ``warmup_iters`` iterations from ``warmup_ratio`` x lr, then either x ``gamma`` at
-each milestone epoch (``lr_schedule: step``, mmdetection's; the default with loaded weights) or a half cosine
-down to ``min_lr_ratio`` x lr over the run's progress (``lr_schedule: cosine``; the default from random weights). The lr is a closed-form function of (iteration, epoch, progress), so
-resuming needs nothing but the counters a checkpoint keeps.
+linear warmup over the first ``warmup_iters`` iterations from ``warmup_ratio`` x lr, then either x ``gamma``
+at each milestone epoch (``lr_schedule: step``, mmdetection's; the default with loaded weights) or a half
+cosine down to ``min_lr_ratio`` x lr over the run's progress (``lr_schedule: cosine``; the default from
+random weights). The lr is a closed-form function of (iteration, epoch, progress), so resuming needs
+nothing but the counters a checkpoint keeps.
 """
 
 from __future__ import annotations
