@@ -165,7 +165,7 @@ def main() -> None:
                  + (f", excluding {args.exclude}" if args.exclude else ""),
         "train_images": len(trainer.train_set), "val_images": len(trainer.val_set),
         "parameters": sum(p.numel() for p in trainer.module.parameters()),
-        "config": config.to_dict(), "curve": curve, "diverged": diverged,
+        "config": trainer.config.to_dict(), "curve": curve, "diverged": diverged,  # the norm chosen, not "auto"
         "stopped_by": stopped_by if stopped_by in ("SIGINT", "SIGTERM") else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="ultralytics' seed (weights, shuffling, augmentation)")
     parser.add_argument("--split-dir", type=Path, default=Path("/tmp/oilleak-bench-bsdata-split"))
     parser.add_argument("--out", type=Path, required=True, help="the curve's JSON (scored by bench_quality.py)")
     args = parser.parse_args()
@@ -134,7 +135,7 @@ def main() -> None:
     start = time.perf_counter()
     model.train(data=str(data_yaml), epochs=1000, time=args.budget_s * 1.05 / 3600, imgsz=args.imgsz,
                 batch=args.batch_size, device=device, workers=args.workers, val=False, plots=False, amp=False,
-                pretrained=False, project=str(work), name="train", exist_ok=True, seed=0, verbose=False)
+                pretrained=False, project=str(work), name="train", exist_ok=True, seed=args.seed, verbose=False)
     setup_s = time.perf_counter() - start
     if points and clock["start"] is not None:  # ultralytics stopped a little early: the final model is the last point
         trained = time.perf_counter() - clock["start"] - clock["paused"]
@@ -154,7 +155,8 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "load_avg_at_start": list(os.getloadavg())},
         "command": " ".join([sys.executable, *sys.argv]),
-        "config": {"imgsz": args.imgsz, "batch": args.batch_size, "amp": False, "pretrained": False},
+        "config": {"imgsz": args.imgsz, "batch": args.batch_size, "amp": False, "pretrained": False,
+                   "seed": args.seed},
         "split": str(args.split_dir), "curve": curve,
     }
     raw_path = args.out.with_suffix(".raw.json")
