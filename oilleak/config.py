@@ -75,8 +75,11 @@ class ModelConfig(_Section):
     preset: Literal[PRESETS] = "detectors_htc_r50"  # type: ignore[valid-type]
     # The normalisation layers: "batch" is mmdetection's (BatchNorm in both ResNets, none in the heads; every
     # mmdetection DetectoRS / HTC checkpoint); "group" is GroupNorm with 32 groups in both ResNets and after the
-    # HTC mask and semantic heads' convs, as mmdetection's GN configs. A checkpoint records it.
-    norm: Literal["batch", "group"] = "batch"
+    # HTC mask and semantic heads' convs, as mmdetection's GN configs. "auto": GroupNorm for a training from
+    # random weights, where frozen BatchNorm blew up on BSData and GroupNorm did not (BENCHMARKS.md, "Quality
+    # on real photos"); BatchNorm otherwise, as the weights there are to load. A training records the norm it
+    # chose in config.yaml and its checkpoints, so test, predict, serve and export rebuild the same model.
+    norm: Literal["auto", "batch", "group"] = "auto"
     # Test-time mask of the three cascade stages: the "last" stage only (mmdetection 3.3, whose checkpoints
     # and results oilleak reproduces) or the "mean" of their sigmoids (HTC paper, mmdet 2.x, the published
     # COCO numbers).
@@ -85,6 +88,13 @@ class ModelConfig(_Section):
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     max_per_img: int = Field(100, ge=1)
     mask_thr: float = Field(0.5, gt=0.0, lt=1.0)
+
+    def resolved_norm(self, random_weights: bool = False) -> Literal["batch", "group"]:
+        """The norm the model is built with: ``norm``, or for "auto" GroupNorm when a training starts from
+        ``random_weights`` and mmdetection's BatchNorm for everything else."""
+        if self.norm != "auto":
+            return self.norm
+        return "group" if random_weights else "batch"
 
 
 class TrainConfig(_Section):

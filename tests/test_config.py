@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from oilleak.config import ConfigError, config_from_dict, load_config, save_config
+from oilleak.train.from_scratch import from_random_weights
 from tests.conftest import REPO
 
 MINIMAL = {"data": {"data_root": "data/x", "classes": ["a", "b"]}}
@@ -28,7 +29,9 @@ def test_bundled_configs_load_with_the_user_setup():
     cpu = load_config(REPO / "configs" / "bsdata_cpu.yaml")
     assert cpu.model.preset == "detectors_htc_r50_tiny" and cpu.data.scale == (512, 320)
     assert (cpu.train.lr, cpu.train.base_batch_size, cpu.train.warmup_iters, cpu.train.grad_clip) == (0.01, 2, 50, 10.0)
-    assert (cpu.train.lr_schedule, cpu.train.time_budget_s, cpu.train.min_lr_ratio, cpu.model.norm) == ("cosine", 900, 0.01, "group")
+    assert (cpu.train.lr_schedule, cpu.train.time_budget_s, cpu.train.min_lr_ratio) == ("cosine", 900, 0.01)
+    # GroupNorm, as the curves measured, through model.norm's default from random weights
+    assert cpu.model.norm == "auto" and cpu.model.resolved_norm(from_random_weights(cpu.train)) == "group"
 
 
 def test_overrides_are_typed_and_nested():

@@ -47,10 +47,14 @@ def test_the_recipe_line_says_what_the_run_does_and_why():
                "model": sections.get("model", {}), "train": sections.get("train", {})}
         return recipe_line(config_from_dict(raw), weights, calibrated)
 
-    assert line(calibrated=10) == (
+    assert line() == (  # the defaults from random weights: model.norm auto -> GroupNorm, lr_schedule auto -> cosine
+        "recipe: random weights (no train.load_from / train.backbone_weights); GroupNorm (model.norm: group, what "
+        "auto picks from random weights), nothing frozen; flip p 0.5; "
+        "warm-up 500 iterations, then cosine to 0.01 x lr over 12 epochs (train.lr_schedule: auto)")
+    assert line(calibrated=10, model={"norm": "batch"}) == (
         "recipe: random weights (no train.load_from / train.backbone_weights); frozen BatchNorm with statistics "
-        "measured on 10 training batches, stem and stage 1 frozen (train.backbone_norm: frozen; model.norm: group "
-        "trains from random weights more stably, BENCHMARKS.md); flip p 0.5; "
+        "measured on 10 training batches, stem and stage 1 frozen (train.backbone_norm: frozen; model.norm: auto "
+        "or group trains from random weights more stably, BENCHMARKS.md); flip p 0.5; "
         "warm-up 500 iterations, then cosine to 0.01 x lr over 12 epochs (train.lr_schedule: auto)")
     assert line(train={"epochs": 3, "milestones": [3], "lr_schedule": "step"}).endswith(
         "then constant lr (train.lr_schedule: step), 3 epochs")
@@ -60,8 +64,10 @@ def test_the_recipe_line_says_what_the_run_does_and_why():
         "recipe: loaded weights; mmdetection's frozen BatchNorm, stem and stage 1 frozen")
     assert line("loaded", train={"load_from": "x.pth"}).endswith(
         "then x 0.1 after epochs 8, 11 (train.lr_schedule: auto), 12 epochs")
-    assert "BatchNorm on batch statistics, nothing frozen (train.backbone_norm: auto)" in line(train={"backbone_norm": "auto"})
-    assert "; GroupNorm (model.norm: group), nothing frozen;" in line(model={"norm": "group"})
+    assert "BatchNorm on batch statistics, nothing frozen (train.backbone_norm: auto)" in line(
+        model={"norm": "batch"}, train={"backbone_norm": "auto"})
+    assert "; GroupNorm (model.norm: group, what auto picks from random weights), nothing frozen;" in line(
+        model={"norm": "group"})
     resumed = line("resumed", model={"norm": "group"}, train={"load_from": "x.pth"})
     assert resumed.startswith("recipe: the weights of the run being resumed; GroupNorm") and "stem and stage 1 frozen" in resumed
     assert line(data={"multi_scale": [[512, 320], [640, 400]], "photometric": True}).endswith(

@@ -1,10 +1,12 @@
 """``model.norm: group``: GroupNorm in both ResNets and the HTC mask / semantic heads; it trains, is saved with
-the checkpoint and rebuilt from it, and weights of the other kind of norm are refused with the fix."""
+the checkpoint and rebuilt from it, and weights of the other kind of norm are refused with the fix. "auto", the
+default, picks it for a training from random weights and BatchNorm everywhere else."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from oilleak.config import ModelConfig, config_from_dict
@@ -12,7 +14,9 @@ from oilleak.errors import OilleakError
 from oilleak.models.checkpoint import load_weights, model_from_checkpoint, save_checkpoint
 from oilleak.models.presets import build_model
 from oilleak.train.from_scratch import train_backbones
+from oilleak.train.loop import TrainOptions, run_training
 from tests.test_detector import loss_step, synthetic_batch
+from tests.test_train_loop import make_shapes, quiet, shapes_config
 
 GN = ModelConfig(preset="detectors_htc_r50_tiny", norm="group")
 
@@ -68,3 +72,39 @@ def test_weights_of_the_other_norm_are_refused_with_the_fix(tmp_path):
     with pytest.raises(OilleakError, match=r"BatchNorm backbone .* model.norm: group; set model.norm: batch"):
         load_weights(build_model(GN, 2), tmp_path / "mmdet.pth")
     assert load_weights(build_model(ModelConfig(preset="detectors_htc_r50_tiny"), 2), tmp_path / "mmdet.pth").loaded
+
+
+def test_auto_is_group_norm_only_for_a_training_from_random_weights():
+    assert ModelConfig().norm == "auto"
+    assert ModelConfig().resolved_norm() == "batch"  # mmdetection's checkpoints, benchmarks, parity
+    assert ModelConfig().resolved_norm(random_weights=True) == "group"
+    assert ModelConfig(norm="batch").resolved_norm(random_weights=True) == "batch"
+    assert ModelConfig(norm="group").resolved_norm() == "group"
+    assert any(isinstance(m, nn.BatchNorm2d) for m in build_model(ModelConfig(preset="htc_r50_tiny"), 2).modules())
+
+
+def test_a_training_from_random_weights_records_group_norm_and_test_rebuilds_it(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", images=2, size=96)
+    run_training(shapes_config(shapes, tmp_path / "scratch"), TrainOptions(max_iters=1, device="cpu"), quiet())
+    assert yaml.safe_load((tmp_path / "scratch" / "config.yaml").read_text())["model"]["norm"] == "group"
+    model, cfg = model_from_checkpoint(tmp_path / "scratch" / "latest.pth")  # what test / predict / export do
+    assert cfg.model.norm == "group"
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+    # from loaded BatchNorm weights "auto" stays mmdetection's BatchNorm, and records it
+    start = build_model(shapes_config(shapes, tmp_path).model, 2)
+    save_checkpoint(tmp_path / "bn.pth", model=start, config=shapes_config(shapes, tmp_path))
+    run_training(shapes_config(shapes, tmp_path / "loaded"),
+                 TrainOptions(load_from=str(tmp_path / "bn.pth"), max_iters=1, device="cpu"), quiet())
+    _, cfg = model_from_checkpoint(tmp_path / "loaded" / "latest.pth")
+    assert cfg.model.norm == "batch"
+
+    # a run from random weights that chose BatchNorm (the default before "auto") resumes with BatchNorm
+    old = shapes_config(shapes, tmp_path / "old", train={"epochs": 2})
+    old.model.norm = "batch"
+    run_training(old, TrainOptions(max_iters=1, device="cpu"), quiet())
+    result = run_training(shapes_config(shapes, tmp_path / "old", train={"epochs": 2}),
+                          TrainOptions(resume=True, max_iters=2, device="cpu"), quiet())
+    assert result.iterations == 2
+    assert model_from_checkpoint(tmp_path / "old" / "latest.pth")[1].model.norm == "batch"

@@ -180,7 +180,7 @@ def with_norm(spec: ModelSpec, norm: Norm) -> ModelSpec:
 
 def preset_spec(model_cfg: ModelConfig, num_classes: int) -> ModelSpec:
     """The named preset with the norm and test settings of ``model_cfg``."""
-    spec = with_norm(PRESETS[model_cfg.preset](num_classes), model_cfg.norm)
+    spec = with_norm(PRESETS[model_cfg.preset](num_classes), model_cfg.resolved_norm())
     inference = InferenceSpec(
         score_thr=model_cfg.score_thr,
         nms_iou=model_cfg.nms_iou,

@@ -1,13 +1,14 @@
 """Starting from random weights: BatchNorm that trains, or frozen BatchNorm with measured statistics.
 
-``train.backbone_norm`` "batch" (opt-in; "auto" picks it without loaded weights, ``resolve_backbone_norm``) makes every backbone
-BatchNorm train on batch statistics and unfreezes the stem and stage 1 (``train_backbones``). With
-``model.norm: group`` there are no statistics to freeze or measure; from random weights the stem and stage 1
-train as well (``train_backbones``), as in mmdetection's from-scratch GN configs. Frozen
-BatchNorm with statistics measured on a few batches at the start (below) leaves the normalisation fixed while
-the random weights under it change fast in the first hundreds of steps; the activations then drift by orders
-of magnitude and on BSData (full preset, 1333x800, batch 2) the SAC offsets reached NaN at iteration 24
-with the lr still at 0.001 in warm-up. Trained BatchNorm re-normalises every step and does not drift.
+``train.backbone_norm`` "batch" (opt-in; "auto" picks it without loaded weights, ``resolve_backbone_norm``)
+makes every backbone BatchNorm train on batch statistics and unfreezes the stem and stage 1
+(``train_backbones``). With ``model.norm: group`` (what "auto" picks from random weights) there are no
+statistics to freeze or measure; from random weights the stem and stage 1 train as well (``train_backbones``),
+as in mmdetection's from-scratch GN configs. Frozen BatchNorm with statistics measured on a few batches at
+the start (below) leaves the normalisation fixed while the random weights under it change fast in the first
+hundreds of steps; the activations then drift by orders of magnitude and on BSData (full preset, 1333x800,
+batch 2) the SAC offsets reached NaN at iteration 24 with the lr still at 0.001 in warm-up.
+Trained BatchNorm re-normalises every step and does not drift.
 
 
 DetectoRS keeps every backbone BatchNorm in eval mode while training (``norm_eval``, as mmdetection does):
@@ -57,14 +58,16 @@ def recipe_line(config: Config, weights: str, calibrated: int = 0) -> str:
     """The line said before the first step: how this run normalises and augments its data, and why.
     ``weights``: "random", "loaded" or "resumed"; ``calibrated``: the batches frozen BatchNorm was measured on."""
     data, train = config.data, config.train
-    if config.model.norm == "group":
-        norm = "GroupNorm (model.norm: group), " + ("nothing frozen" if from_random_weights(train) else "stem and stage 1 frozen")
+    random_weights = from_random_weights(train)
+    if config.model.resolved_norm(random_weights) == "group":
+        norm = ("GroupNorm (model.norm: group, what auto picks from random weights), nothing frozen" if random_weights
+                else "GroupNorm (model.norm: group), stem and stage 1 frozen")
     elif resolve_backbone_norm(train) == "batch":
         norm = f"BatchNorm on batch statistics, nothing frozen (train.backbone_norm: {train.backbone_norm})"
     elif weights == "random":
         norm = (f"frozen BatchNorm with statistics measured on {calibrated} training batches, stem and stage 1 "
-                f"frozen (train.backbone_norm: {train.backbone_norm}; model.norm: group trains from random weights "
-                "more stably, BENCHMARKS.md)")
+                f"frozen (train.backbone_norm: {train.backbone_norm}; model.norm: auto or group trains from random "
+                "weights more stably, BENCHMARKS.md)")
     else:
         norm = f"mmdetection's frozen BatchNorm, stem and stage 1 frozen (train.backbone_norm: {train.backbone_norm})"
     augment = [f"flip p {data.flip_prob:g}"]
