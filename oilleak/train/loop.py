@@ -92,7 +92,8 @@ class TrainingDiverged(OilleakError):
 
 DIVERGED_FIX = (
     "Clip gradients (--set train.grad_clip=35), lengthen train.warmup_iters, or lower train.lr (or drop "
-    "--auto-scale-lr); from random weights train.backbone_norm=batch is an experimental alternative. Then start again"
+    "--auto-scale-lr); from random weights with model.norm=batch, GroupNorm (model.norm=auto or group) trains "
+    "more stably. Then start again"
 )
 
 
