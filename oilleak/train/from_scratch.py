@@ -1,4 +1,5 @@
-"""Starting from random weights: BatchNorm that trains, or frozen BatchNorm with measured statistics.
+"""Starting from random weights: GroupNorm (the default there), BatchNorm that trains, or frozen BatchNorm with
+measured statistics.
 
 ``train.backbone_norm`` "batch" (opt-in; "auto" picks it without loaded weights, ``resolve_backbone_norm``)
 makes every backbone BatchNorm train on batch statistics and unfreezes the stem and stage 1
