@@ -24,11 +24,12 @@ is well scaled and trains.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from oilleak.config import Config, TrainConfig
+from oilleak.config import Config, ModelConfig, TrainConfig
 from oilleak.models.resnet import ResNet
 
 
@@ -42,6 +43,14 @@ def resolve_backbone_norm(cfg: TrainConfig) -> str:
     if cfg.backbone_norm != "auto":
         return cfg.backbone_norm
     return "batch" if from_random_weights(cfg) else "frozen"
+
+
+def resolve_model_norm(config: Config, resumed: dict[str, Any] | None = None) -> str:
+    """"batch" or "group": what ``model.norm`` means for this run ("auto": ``ModelConfig.resolved_norm``), or,
+    when resuming with "auto", the norm of the run being resumed, which may have chosen it under an older default."""
+    if config.model.norm == "auto" and resumed is not None:
+        return ModelConfig(norm=resumed["config"].get("model", {}).get("norm", "batch")).resolved_norm()
+    return config.model.resolved_norm(random_weights=from_random_weights(config.train))
 
 
 def resolve_lr_schedule(cfg: TrainConfig) -> str:
@@ -60,7 +69,7 @@ def recipe_line(config: Config, weights: str, calibrated: int = 0) -> str:
     ``weights``: "random", "loaded" or "resumed"; ``calibrated``: the batches frozen BatchNorm was measured on."""
     data, train = config.data, config.train
     random_weights = from_random_weights(train)
-    if config.model.resolved_norm(random_weights) == "group":
+    if resolve_model_norm(config) == "group":
         norm = ("GroupNorm (model.norm: group, what auto picks from random weights), nothing frozen" if random_weights
                 else "GroupNorm (model.norm: group), stem and stage 1 frozen")
     elif resolve_backbone_norm(train) == "batch":
@@ -88,7 +97,8 @@ def schedule_text(train: TrainConfig) -> str:
     if resolve_lr_schedule(train) == "cosine":
         return f"then cosine to {train.min_lr_ratio:g} x lr over {end} (train.lr_schedule: {train.lr_schedule})"
     milestones = ", ".join(str(m) for m in train.milestones if m < train.epochs)
-    steps = f"x {train.gamma:g} after epoch{'s' if ',' in milestones else ''} {milestones}" if milestones else "constant lr"
+    plural = "s" if "," in milestones else ""
+    steps = f"x {train.gamma:g} after epoch{plural} {milestones}" if milestones else "constant lr"
     return f"then {steps} (train.lr_schedule: {train.lr_schedule}), {end}"
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from oilleak.config import Config, ModelConfig, save_config
+from oilleak.config import Config, save_config
 from oilleak import distributed
 from oilleak.distributed import Runtime
 from oilleak.train.from_scratch import (
@@ -31,6 +31,7 @@ from oilleak.train.from_scratch import (
     from_random_weights,
     recipe_line,
     resolve_backbone_norm,
+    resolve_model_norm,
     train_backbones,
 )
 from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, run_progress, set_lr
@@ -185,14 +186,6 @@ def _resume_path(work_dir: Path, options: TrainOptions) -> Path | None:
     return None
 
 
-def resolved_norm(config: Config, resumed: dict[str, Any] | None) -> str:
-    """``model.norm`` for this run: "auto" resolved (``ModelConfig.resolved_norm``), or, when resuming, the norm
-    of the run being resumed, which may have chosen it under an older default."""
-    if config.model.norm == "auto" and resumed is not None:
-        return ModelConfig(norm=resumed["config"].get("model", {}).get("norm", "batch")).resolved_norm()
-    return config.model.resolved_norm(random_weights=from_random_weights(config.train))
-
-
 class Trainer:
     def __init__(self, config: Config, options: TrainOptions, runtime: Runtime, console: Console, signals: StopSignals):
         self.options = options
@@ -212,7 +205,7 @@ class Trainer:
         self._build_data(self._check_data())
         checkpoint = self._load_resume_checkpoint(resume_path) if resume_path else None
         # the norm chosen, not "auto", goes into config.yaml and the checkpoints: they rebuild this model
-        config.model.norm = resolved_norm(config, checkpoint)
+        config.model.norm = resolve_model_norm(config, checkpoint)
         self._build_model(checkpoint)
 
         total_batch = runtime.world_size * config.data.batch_size
