@@ -16,7 +16,8 @@ from torch import nn
 
 from oilleak.config import ModelConfig
 from oilleak.models.checkpoint import load_weights
-from oilleak.models.presets import ModelSpec, build_from_spec, build_model, detectors_htc_r50, htc_r50
+from oilleak.models.presets import build_from_spec, build_model, detectors_htc_r50, htc_r50
+from oilleak.models.specs import ModelSpec
 from oilleak.structures import ImageMeta
 
 COCO_CLASSES, COCO_STUFF_CLASSES = 80, 183

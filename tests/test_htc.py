@@ -12,7 +12,7 @@ from oilleak.models.bbox_head import Shared2FCBBoxHead
 from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler
 from oilleak.models.htc import BoxDetections, HybridTaskCascadeRoIHead, boxes_to_rois, roi_levels
 from oilleak.models.mask_head import HTCMaskHead, mask_targets, paste_mask_crops, paste_masks
-from oilleak.models.presets import InferenceSpec, RoIHeadSpec
+from oilleak.models.specs import InferenceSpec, RoIHeadSpec
 from oilleak.models.semantic_head import FusedSemanticHead
 from oilleak.structures import ImageMeta, Targets
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +29,8 @@ from oilleak.models.box_ops import MaxIoUAssigner, RandomSampler, SamplingResult
 from oilleak.models.mask_head import HTCMaskHead, mask_loss, mask_targets, paste_mask_crops, paste_masks
 from oilleak.models.roi_align import roi_align, roi_align_by_level
 from oilleak.models.semantic_head import FusedSemanticHead
+from oilleak.models.specs import InferenceSpec, RoIHeadSpec
 from oilleak.structures import CroppedDetections, Detections, ImageMeta, Targets
-
-if TYPE_CHECKING:  # the specs' module builds this head from them
-    from oilleak.models.presets import InferenceSpec, RoIHeadSpec
 
 
 def boxes_to_rois(boxes_per_image: Sequence[Tensor]) -> Tensor:
@@ -112,7 +109,7 @@ class HybridTaskCascadeRoIHead(nn.Module):
         inference: InferenceSpec,
     ) -> None:
         """``layout``: the stages (their loss weights) and the RoI geometry (feature strides, finest scale, RoI
-        sizes, semantic stride), ``inference``: the test settings; both the presets' spec objects, whole."""
+        sizes, semantic stride), ``inference``: the test settings; both spec objects (``oilleak.models.specs``), whole."""
         super().__init__()
         per_stage = {len(bbox_heads), len(mask_heads), len(assigners), len(samplers), len(layout.stages)}
         if len(per_stage) != 1:

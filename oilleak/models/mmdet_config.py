@@ -1,4 +1,4 @@
-"""mmdetection's ``model=dict(...)`` read into a :class:`~oilleak.models.presets.ModelSpec`.
+"""mmdetection's ``model=dict(...)`` read into a :class:`~oilleak.models.specs.ModelSpec`.
 
 How the parity fixtures' ``model_config`` (and any mmdet DetectoRS / HTC config) becomes an oilleak model:
 every key is read by name and anything oilleak does not implement is refused, naming the key.
@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from oilleak.errors import OilleakError
 from oilleak.models.detector import HybridTaskCascade
-from oilleak.models.presets import (
+from oilleak.models.presets import build_from_spec
+from oilleak.models.rpn import ProposalSettings, RPNTrainSettings
+from oilleak.models.specs import (
     BackboneSpec,
     CascadeStageSpec,
     InferenceSpec,
@@ -20,9 +22,7 @@ from oilleak.models.presets import (
     RFPSpec,
     RoIHeadSpec,
     RPNSpec,
-    build_from_spec,
 )
-from oilleak.models.rpn import ProposalSettings, RPNTrainSettings
 
 
 _MISSING = object()
