@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from oilleak.config import ConfigError, config_from_dict, load_config, save_config
-from oilleak.train.from_scratch import from_random_weights
+from oilleak.train.schedule import from_random_weights
 from tests.conftest import REPO
 
 MINIMAL = {"data": {"data_root": "data/x", "classes": ["a", "b"]}}

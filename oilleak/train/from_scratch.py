@@ -31,11 +31,7 @@ from torch import Tensor, nn
 
 from oilleak.config import Config, ModelConfig, TrainConfig
 from oilleak.models.resnet import ResNet
-
-
-def from_random_weights(cfg: TrainConfig) -> bool:
-    """Whether the run starts from random weights (a resumed run: whether the run it resumes did)."""
-    return not (cfg.load_from or cfg.backbone_weights)
+from oilleak.train.schedule import from_random_weights, schedule_text
 
 
 def resolve_backbone_norm(cfg: TrainConfig) -> str:
@@ -51,13 +47,6 @@ def resolve_model_norm(config: Config, resumed: dict[str, Any] | None = None) ->
     if config.model.norm == "auto" and resumed is not None:
         return ModelConfig(norm=resumed["config"].get("model", {}).get("norm", "batch")).resolved_norm()
     return config.model.resolved_norm(random_weights=from_random_weights(config.train))
-
-
-def resolve_lr_schedule(cfg: TrainConfig) -> str:
-    """"step" or "cosine": what ``train.lr_schedule`` means for this run ("auto": cosine from random weights)."""
-    if cfg.lr_schedule != "auto":
-        return cfg.lr_schedule
-    return "cosine" if from_random_weights(cfg) else "step"
 
 
 WEIGHTS = {"random": "random weights (no train.load_from / train.backbone_weights)", "loaded": "loaded weights",
@@ -87,19 +76,6 @@ def recipe_line(config: Config, weights: str, calibrated: int = 0) -> str:
         augment.append("photometric distortion (data.photometric)")
     return (f"recipe: {WEIGHTS[weights]}; {norm}; {', '.join(augment)}; warm-up {train.warmup_iters} iterations, "
             + schedule_text(train))
-
-
-def schedule_text(train: TrainConfig) -> str:
-    """What the lr does after warm-up, and when the run ends."""
-    end = f"{train.epochs} epochs"
-    if train.time_budget_s is not None:
-        end = f"{train.time_budget_s:g} s of training or {end}, whichever comes first"
-    if resolve_lr_schedule(train) == "cosine":
-        return f"then cosine to {train.min_lr_ratio:g} x lr over {end} (train.lr_schedule: {train.lr_schedule})"
-    milestones = ", ".join(str(m) for m in train.milestones if m < train.epochs)
-    plural = "s" if "," in milestones else ""
-    steps = f"x {train.gamma:g} after epoch{plural} {milestones}" if milestones else "constant lr"
-    return f"then {steps} (train.lr_schedule: {train.lr_schedule}), {end}"
 
 
 def train_backbones(model: nn.Module) -> None:

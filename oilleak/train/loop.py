@@ -28,13 +28,12 @@ from oilleak import distributed
 from oilleak.distributed import Runtime
 from oilleak.train.from_scratch import (
     calibrate_frozen_batchnorm,
-    from_random_weights,
     recipe_line,
     resolve_backbone_norm,
     resolve_model_norm,
     train_backbones,
 )
-from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, run_progress, set_lr
+from oilleak.train.schedule import build_optimizer, choose_lr, from_random_weights, lr_at, run_progress, set_lr
 from oilleak.train.stop_signals import StopSignals
 from oilleak.train.sample_order import EpochBatches, train_loader
 from oilleak.train.log import TrainLog

@@ -16,7 +16,31 @@ import torch
 from torch import nn
 
 from oilleak.config import TrainConfig
-from oilleak.train.from_scratch import resolve_lr_schedule
+
+
+def from_random_weights(cfg: TrainConfig) -> bool:
+    """Whether the run starts from random weights (a resumed run: whether the run it resumes did)."""
+    return not (cfg.load_from or cfg.backbone_weights)
+
+
+def resolve_lr_schedule(cfg: TrainConfig) -> str:
+    """"step" or "cosine": what ``train.lr_schedule`` means for this run ("auto": cosine from random weights)."""
+    if cfg.lr_schedule != "auto":
+        return cfg.lr_schedule
+    return "cosine" if from_random_weights(cfg) else "step"
+
+
+def schedule_text(train: TrainConfig) -> str:
+    """What the lr does after warm-up, and when the run ends."""
+    end = f"{train.epochs} epochs"
+    if train.time_budget_s is not None:
+        end = f"{train.time_budget_s:g} s of training or {end}, whichever comes first"
+    if resolve_lr_schedule(train) == "cosine":
+        return f"then cosine to {train.min_lr_ratio:g} x lr over {end} (train.lr_schedule: {train.lr_schedule})"
+    milestones = ", ".join(str(m) for m in train.milestones if m < train.epochs)
+    plural = "s" if "," in milestones else ""
+    steps = f"x {train.gamma:g} after epoch{plural} {milestones}" if milestones else "constant lr"
+    return f"then {steps} (train.lr_schedule: {train.lr_schedule}), {end}"
 
 
 def warmup_factor(iteration: int, cfg: TrainConfig) -> float:
