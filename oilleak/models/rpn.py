@@ -215,7 +215,11 @@ class RPNHead(nn.Module):
         # image simply contributes nothing here.
         usable_inds = torch.nonzero(usable).flatten()
         s = self.train_settings
-        gt_boxes = target.boxes.to(anchors)
+        # The ground truth keeps its own dtype: mmdet's IoU then takes each box's area in its own dtype and
+        # the rest in the promoted one. With float32 boxes (any real training) that is all float32; with a
+        # float64 fixture's boxes the anchors' areas stay float32-rounded, and casting the boxes to float32
+        # instead turned IoU ties (gt_max_assign_all) into extra positives.
+        gt_boxes = target.boxes.to(anchors.device)
         gt_labels = torch.zeros(len(gt_boxes), dtype=torch.long, device=anchors.device)  # objectness is class-agnostic
         assigner = MaxIoUAssigner(pos_iou_thr=s.pos_iou_thr, neg_iou_thr=s.neg_iou_thr, min_pos_iou=s.min_pos_iou, match_low_quality=s.match_low_quality)
         sampler = RandomSampler(num=s.num_samples, pos_fraction=s.pos_fraction, add_gt_as_proposals=False)
