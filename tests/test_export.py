@@ -12,6 +12,8 @@ weights (a briefly trained tiny model, whose detections are far apart in score),
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ from typer.testing import CliRunner
 
 from oilleak.cli import app
 from oilleak.config import config_from_dict
-from oilleak.data.transforms import load_image, pad_batch, prepare_image, rescale_size
+from oilleak.data.rescale import rescale_size
+from oilleak.data.transforms import load_image, normalize, pad_batch, prepare_image
 from oilleak.train.from_scratch import calibrate_frozen_batchnorm
 from oilleak.export import postprocess
 from oilleak.demo import demo_checkpoint
@@ -30,6 +33,7 @@ from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor
 from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
 from oilleak.models.mask_head import paste_masks
 from oilleak.models.presets import build_model
+from tests.conftest import REPO
 
 SCALE = (320, 192)
 runner = CliRunner()
@@ -205,9 +209,67 @@ def test_numpy_paste_equals_the_models_paste():
         np.testing.assert_array_equal(postprocess.full_mask(window, origin, (80, 100)), expected[i])
 
 
-def test_resize_matches_the_pytorch_path():
-    for width, height in [(1130, 460), (1540, 645), (2700, 901), (37, 1000)]:
-        assert postprocess.fit_size(width, height, (1333, 800)) == rescale_size(width, height, (1333, 800))
+def _exact_scale(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """The resize factor as a fraction (num, den): the long rule or the short rule, whichever is smaller."""
+    long_rule, short_rule = (max(scale), max(width, height)), (min(scale), min(width, height))
+    return long_rule if long_rule[0] * short_rule[1] <= short_rule[0] * long_rule[1] else short_rule
+
+
+def _rounding_ties(scale: tuple[int, int], max_side: int) -> tuple[list, list]:
+    """(w, h, scale) up to ``max_side`` whose resized w or h is exactly k + 1/2 before rounding (integer
+    arithmetic): those float rounds up as exact arithmetic does, and those it rounds down (149 x 298 at
+    1333 x 800: 666.4999.. -> 666, as mmcv's float arithmetic does too)."""
+    up, down = [], []
+    for w in range(1, max_side + 1):
+        for h in range(1, max_side + 1):
+            num, den = _exact_scale(w, h, scale)
+            if any((2 * side * num) % (2 * den) == den for side in (w, h)):
+                exact = tuple((2 * side * num + den) // (2 * den) for side in (w, h))
+                (up if rescale_size(w, h, scale) == exact else down).append((w, h, scale))
+    return up, down
+
+
+def _size_cases() -> list[tuple[int, int, tuple[int, int]]]:
+    """BSData and fixture sizes, images already at the scale, squares, 1-pixel sides, both scale orders,
+    rounding ties up to 320 px (25 of the exact ones per scale, every one float rounds down) and a random sweep."""
+    cases = [(w, h, (1333, 800)) for w, h in [(1130, 460), (1540, 645), (2700, 901), (37, 1000), (1333, 800),
+                                              (800, 1333), (800, 480), (500, 500), (1, 1), (1, 300), (300, 1)]]
+    cases += [(2793, 863, (698, 224)), (100, 50, (800, 1333)), (64, 48, SCALE), (7, 5, (512, 512))]
+    rounded_down = 0
+    for scale in [(1333, 800), (698, 224), SCALE]:
+        up, down = _rounding_ties(scale, 320)
+        cases += up[:: max(len(up) // 25, 1)] + down
+        rounded_down += len(down)
+    assert rounded_down >= 10  # 149 x 298 at 1333 x 800, 37 x 148 at 698 x 224, ...
+    rng = np.random.default_rng(26)
+    for _ in range(100):
+        w, h, a, b = (int(v) for v in rng.integers(1, 2000, 4))
+        cases.append((w, h, (max(a, 16), max(b, 16))))
+    return cases
+
+
+def test_the_graph_input_has_the_data_paths_size_and_scale_factor():
+    """The export side resizes with the data transforms' own rule (``oilleak.data.rescale``, which imports no
+    PyTorch): over BSData and fixture sizes, images already at the scale, 1-pixel sides, both scale orders,
+    rounding ties and a random sweep, the graph's input has the test transform's size and scale factor."""
+    assert postprocess.rescale_size is rescale_size  # one function, no copy
+    for width, height, scale in _size_cases():
+        image = np.zeros((height, width, 3), np.uint8)
+        graph_input, scale_factor = postprocess.resize_for_graph(image, scale)
+        _, meta = prepare_image(image, scale)
+        assert graph_input.shape[:2] == meta.img_shape, (width, height, scale)
+        assert scale_factor == meta.scale_factor, (width, height, scale)
+    rng = np.random.default_rng(5)
+    for width, height, scale in [(149, 298, (1333, 800)), (64, 48, SCALE), (333, 101, SCALE), (40, 41, SCALE)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        graph_input, _ = postprocess.resize_for_graph(image, scale)
+        tensor, _ = prepare_image(image, scale)
+        torch.testing.assert_close(normalize(graph_input), tensor, rtol=0, atol=0)
+
+
+def test_the_onnx_runtime_side_imports_no_pytorch():
+    code = "import sys, oilleak.export.onnx_runtime; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_unsupported_opset_and_existing_file_are_clear_errors(tmp_path, sample_dir):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oilleak.data.rescale import rescale_size  # here too: its callers import it from the transforms
 from oilleak.errors import OilleakError
 from oilleak.structures import SEM_IGNORE, ImageMeta, Targets
 
@@ -48,13 +49,6 @@ def load_image(path: str | Path) -> np.ndarray:
             "replace the file with a readable JPEG/PNG or remove it from the dataset"
         )
     return np.ascontiguousarray(image[..., ::-1])  # BGR -> RGB
-
-
-def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """(new_w, new_h) of an image resized to fit ``scale = (long, short)`` with its aspect ratio kept."""
-    long_side, short_side = max(scale), min(scale)
-    s = min(long_side / max(width, height), short_side / min(width, height))
-    return int(width * s + 0.5), int(height * s + 0.5)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

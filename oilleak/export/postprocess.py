@@ -13,19 +13,14 @@ import math
 import cv2
 import numpy as np
 
-
-def fit_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """(new_w, new_h) of an image resized to fit ``scale = (long, short)``, aspect kept (oilleak's test resize)."""
-    long_side, short_side = max(scale), min(scale)
-    s = min(long_side / max(width, height), short_side / min(width, height))
-    return int(width * s + 0.5), int(height * s + 0.5)
+from oilleak.data.rescale import rescale_size  # not data.transforms, which imports PyTorch
 
 
 def resize_for_graph(image: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
     """(H, W, 3) RGB uint8 -> the graph's input and its (w, h) scale factor; resized as the PyTorch path and
     mmdetection resize (OpenCV's bilinear, no antialiasing), so the graph sees the pixels a checkpoint saw."""
     height, width = image.shape[:2]
-    new_w, new_h = fit_size(width, height, scale)
+    new_w, new_h = rescale_size(width, height, scale)
     if (new_w, new_h) != (width, height):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(image), (new_w / width, new_h / height)
