@@ -215,7 +215,7 @@ def test_(
     ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint, or an mmdetection one (loaded with a report)")],
     work_dir: Annotated[Optional[Path], typer.Option(help="reports go to WORK_DIR/test-TIME/ (default: train.work_dir)")] = None,
     show_dir: Annotated[Optional[Path], typer.Option(help="write ground truth beside prediction for every image here")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="all detections: .json (COCO results) or .pkl (one dict per image)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="all detections: .json (COCO results), or .pkl / .pickle (mmdetection 3.3's result pickle, as its tools/test.py --out writes)")] = None,
     split: Annotated[str, typer.Option(help="train or val")] = "val",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="allow replacing an existing --out file or --show-dir pictures")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,

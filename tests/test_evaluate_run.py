@@ -236,7 +236,8 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tiny, tmp_path):
     assert json.loads((report_dir / "metrics.json").read_text()) == metrics
     detections = [pickle.loads((tmp_path / f"{n}.pkl").read_bytes()) for n in ("one", "two")]
     assert [d["img_id"] for d in detections[1]] == [d["img_id"] for d in detections[0]]  # each once, in order
-    for mine, theirs in zip(*detections):
+    for mine, theirs in zip(*detections):  # mmdetection's result pickle: see tests/test_mmdet_results.py
+        mine, theirs = mine["pred_instances"], theirs["pred_instances"]
         assert mine["masks"] == theirs["masks"]
-        for key in ("boxes", "scores", "labels"):
-            np.testing.assert_array_equal(mine[key], theirs[key])
+        for key in ("bboxes", "scores", "labels"):
+            assert torch.equal(mine[key], theirs[key])

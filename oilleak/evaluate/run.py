@@ -2,15 +2,15 @@
 
 Writes, in a new folder ``WORK_DIR/test-YYYYmmdd-HHMMSS/``: metrics.json, per_class.csv, report.md,
 pr_curves_{bbox,segm}.png and confusion_matrix.png. Optionally ``--out`` (all detections: COCO results
-JSON or a pickle) and ``--show-dir`` (ground truth beside prediction for every image). Existing files are
-never overwritten unless ``overwrite`` is set: the check happens before the (long) evaluation starts.
+JSON, or mmdetection 3.3's result pickle: :mod:`oilleak.evaluate.mmdet_results`) and ``--show-dir`` (ground
+truth beside prediction for every image). Existing files are never overwritten unless ``overwrite`` is set:
+the check happens before the (long) evaluation starts.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,13 +25,14 @@ from oilleak.errors import OilleakError
 from oilleak.models.inference_path import prepare_for_inference
 from oilleak.evaluate.coco_eval import EvalResult, ImageResult, coco_evaluate, predict_dataset
 from oilleak.evaluate.confusion import MATCH_IOU, confusion_matrix
+from oilleak.evaluate.mmdet_results import SUFFIXES as MMDET_SUFFIXES, write_mmdet_results
 from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
 from oilleak.evaluate.report import write_reports
 from oilleak.files import atomic_write
 from oilleak.progress import progress_bar
 from oilleak.visualize import draw_instances, save_image, side_by_side
 
-OUT_SUFFIXES = (".json", ".pkl")
+OUT_SUFFIXES = (".json", *MMDET_SUFFIXES)
 
 
 @dataclass
@@ -108,7 +109,8 @@ def check_out_path(out: Path | None, overwrite: bool) -> None:
     if out is None:
         return
     if out.suffix.lower() not in OUT_SUFFIXES:
-        raise OilleakError(f"--out {out}: use a .json (COCO results) or .pkl (one dict per image) file name")
+        raise OilleakError(f"--out {out}: use a .json (COCO results), .pkl or .pickle (mmdetection 3.3's result "
+                          "pickle, as its tools/test.py --out writes) file name")
     if out.exists() and not overwrite:
         raise OilleakError(f"--out {out} already exists; choose another name or add --overwrite to replace it")
 
@@ -136,25 +138,17 @@ def _check_show_dir(paths: dict[int, Path], overwrite: bool) -> None:
 def write_detections(out: Path, images: list[ImageResult], cat_ids: list[int]) -> None:
     """``.json``: COCO results (bbox, segmentation RLE, score, category_id: the dataset's ids), for
     pycocotools or other tools; to score masks with pycocotools yourself, drop ``bbox`` from the entries
-    first (or it takes box areas for the size buckets). ``.pkl``: a list with one dict per image (img_id,
-    file_name, height, width, boxes (n, 4) x1 y1 x2 y2, scores, labels (0-based, config class order),
-    masks (COCO RLE)), for users of mmdetection's ``--out``."""
-    if out.suffix.lower() == ".json":
-        entries = [
-            {**box, "segmentation": seg["segmentation"]}
-            for image in images
-            for box, seg in zip(image.coco_results(cat_ids, "bbox"), image.coco_results(cat_ids, "segm"))
-        ]
-        with atomic_write(out) as f:
-            f.write(json.dumps(entries).encode("utf-8"))
-    else:
-        records = [
-            {"img_id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width,
-             "boxes": r.boxes, "scores": r.scores, "labels": r.labels, "masks": r.masks}
-            for r in images
-        ]
-        with atomic_write(out) as f:
-            pickle.dump(records, f, protocol=4)
+    first (or it takes box areas for the size buckets). A ``.pkl`` / ``.pickle`` is mmdetection's result
+    pickle, which needs the dataset: :func:`oilleak.evaluate.mmdet_results.write_mmdet_results`."""
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"write_detections writes COCO results JSON, not {out.name}; a pickle is write_mmdet_results'")
+    entries = [
+        {**box, "segmentation": seg["segmentation"]}
+        for image in images
+        for box, seg in zip(image.coco_results(cat_ids, "bbox"), image.coco_results(cat_ids, "segm"))
+    ]
+    with atomic_write(out) as f:
+        f.write(json.dumps(entries).encode("utf-8"))
 
 
 def _ground_truth(coco, image_id: int, cat_ids: list[int], height: int, width: int):
@@ -265,7 +259,10 @@ def run_test(
     written += plot_pr_curves(result, report_dir)
     written.append(plot_confusion_matrix(matrix, class_names, report_dir / "confusion_matrix.png", thr))
     if out is not None:
-        write_detections(out, images, cat_ids)
+        if out.suffix.lower() in MMDET_SUFFIXES:
+            write_mmdet_results(out, images, dataset)
+        else:
+            write_detections(out, images, cat_ids)
         written.append(out)
     if show_dir is not None:
         written.append(show_dir)
