@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from oilleak.evaluate.coco_eval import coco_evaluate
 from oilleak.evaluate.run import check_out_path, write_detections
 from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
 from oilleak.errors import OilleakError
-from tests.test_evaluate import CAT_IDS, CLASSES, OBJECTS, _ellipse, _gt_as_dets, _perturbed, make_coco, predictions, pycocotools_stats
+from tests.test_evaluate import CAT_IDS, CLASSES, OBJECTS, _ellipse, _perturbed, make_coco, predictions, pycocotools_stats
 
 
 def test_confusion_matrix_hand_counted():
@@ -70,22 +69,6 @@ def test_detections_json_reproduces_the_metrics(tmp_path):
     masks = [{k: v for k, v in e.items() if k != "bbox"} for e in entries]
     assert pycocotools_stats(coco, boxes, "bbox", CAT_IDS)[0] == pytest.approx(result.metrics["bbox_mAP"], abs=1e-12)
     assert pycocotools_stats(coco, masks, "segm", CAT_IDS)[0] == pytest.approx(result.metrics["segm_mAP"], abs=1e-12)
-
-
-def test_detections_pickle_one_dict_per_image(tmp_path):
-    coco = make_coco(CLASSES, CAT_IDS, OBJECTS)
-    images = predictions(coco, CLASSES, CAT_IDS, _gt_as_dets())
-    out = tmp_path / "dets.pkl"
-    write_detections(out, images, CAT_IDS)
-    with out.open("rb") as f:
-        records = pickle.load(f)
-    assert [r["img_id"] for r in records] == [1, 2, 3]
-    first = records[0]
-    assert set(first) == {"img_id", "file_name", "height", "width", "boxes", "scores", "labels", "masks"}
-    assert first["boxes"].shape == (2, 4) and first["labels"].tolist() == [0, 1]
-    from pycocotools import mask as mask_util
-
-    np.testing.assert_array_equal(mask_util.decode(first["masks"][0]).astype(bool), OBJECTS[0][2])
 
 
 def test_out_path_is_checked_before_anything_runs(tmp_path):

@@ -107,6 +107,7 @@ def paste_mask_crops(
     """
     height, width = image_size
     crops = []
+    boxes = boxes.float()  # mmdet pastes with float32 boxes and grid whatever the model's dtype
     for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
         right, bottom = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
@@ -154,10 +155,9 @@ def _paste_in_chunks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
     ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5
     pasted = torch.empty(len(boxes), height, width, dtype=torch.bool, device=device)
     for start in range(0, len(boxes), chunk):
-        b = boxes[start : start + chunk]
-        # the per-mask path's arithmetic: the box's own dtype for its width and height, float32 after
-        u = (xs[None, :] - b[:, 0:1].float()) / (b[:, 2:3] - b[:, 0:1]).float() * 2 - 1
-        v = (ys[None, :] - b[:, 1:2].float()) / (b[:, 3:4] - b[:, 1:2]).float() * 2 - 1
+        b = boxes[start : start + chunk].float()  # the per-mask path's arithmetic: float32 boxes and grid
+        u = (xs[None, :] - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1
+        v = (ys[None, :] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1
         u = torch.where(torch.isinf(u), torch.zeros_like(u), u)
         v = torch.where(torch.isinf(v), torch.zeros_like(v), v)
         count = len(b)
