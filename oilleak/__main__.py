@@ -1,4 +1,4 @@
 # `python -m oilleak ...`, which is also what `torchrun -m oilleak train ...` runs on every rank.
-from oilleak.cli import app
+from oilleak.cli import main
 
-app()
+main()

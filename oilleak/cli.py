@@ -37,6 +37,29 @@ SetOption = Annotated[
 ]
 
 
+CfgOptions = Annotated[
+    Optional[list[str]],
+    typer.Option("--cfg-options", help="an mmdetection config (.py): override a key of it as mmdetection does, "
+                 "e.g. --cfg-options train_dataloader.dataset.data_root=data/ (repeatable)"),
+]
+
+
+def load_run_config(config: Path, set_: list[str] | None, cfg_options: list[str] | None):
+    """oilleak's YAML, or an mmdetection 3.x config file read as it is (printing what was taken and ignored).
+    Returns the Config and, for an mmdetection file, the project (its resume / auto_scale_lr)."""
+    from oilleak.mmdet_project import describe, is_mmdet_config, read_mmdet_project
+
+    if is_mmdet_config(config):
+        project = read_mmdet_project(config, cfg_options, set_ or [])
+        console.print(describe(project))
+        return project.config, project
+    if cfg_options:
+        raise OilleakError(f"--cfg-options is for mmdetection config files (.py); {config} is oilleak's YAML: use --set KEY=VALUE")
+    from oilleak.config import load_config
+
+    return load_config(config, set_ or []), None
+
+
 def parse_duration(text: str) -> float:
     """Seconds from ``900``, ``900s``, ``15m`` or ``1.5h``."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -143,17 +166,17 @@ def _print_convert_report(report: ConvertReport) -> None:
 @app.command()
 @friendly_errors
 def check(
-    config: Annotated[Path, typer.Argument(help="YAML config")],
+    config: Annotated[Path, typer.Argument(help="YAML config, or an mmdetection 3.x config file (.py)")],
     gallery: Annotated[Optional[Path], typer.Option(help="write a few images with ground truth drawn")] = None,
     set_: SetOption = None,
+    cfg_options: CfgOptions = None,
 ) -> None:
     """Check a dataset before training: classes, images, boxes, masks, semantic maps.
 
     Exit code 0 when the data can be trained on (warnings allowed), 2 when it cannot."""
-    from oilleak.config import load_config
     from oilleak.data.check import check_dataset
 
-    cfg = load_config(config, set_ or [])
+    cfg, _ = load_run_config(config, set_, cfg_options)
     report = check_dataset(cfg.data, config_name=str(config))
     console.print(report.format(), markup=False, highlight=False, soft_wrap=True)
     if gallery is not None:
@@ -165,10 +188,33 @@ def check(
         raise typer.Exit(2)
 
 
+@app.command("convert-config")
+@friendly_errors
+def convert_config(
+    config: Annotated[Path, typer.Argument(help="an mmdetection 3.x config file (.py), with its _base_ tree beside it")],
+    out: Annotated[Path, typer.Argument(help="the oilleak YAML to write (never overwritten)")],
+    set_: SetOption = None,
+    cfg_options: CfgOptions = None,
+) -> None:
+    """Write the oilleak YAML an mmdetection config amounts to (train / test / check also read the .py directly)."""
+    from oilleak.config import save_config
+    from oilleak.mmdet_project import is_mmdet_config
+
+    if not is_mmdet_config(config):
+        raise OilleakError(f"{config} is not an mmdetection config file (.py)")
+    if out.exists():
+        raise OilleakError(f"{out} already exists; choose another name (oilleak never overwrites it)")
+    cfg, project = load_run_config(config, set_, cfg_options)
+    save_config(cfg, out)
+    flags = " ".join(f for f, on in (("--resume", project.resume), ("--auto-scale-lr", project.auto_scale_lr)) if on)
+    console.print(f"wrote {out}" + (f"; the file also asked for {flags}: pass it to oilleak train" if flags else ""),
+                  markup=False, highlight=False)
+
+
 @app.command()
 @friendly_errors
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config")],
+    config: Annotated[Path, typer.Argument(help="YAML config, or an mmdetection 3.x config file (.py)")],
     work_dir: Annotated[Optional[Path], typer.Option(help="where checkpoints and logs go [default: train.work_dir]")] = None,
     load_from: Annotated[Optional[str], typer.Option(help="start from these weights: an oilleak or mmdetection checkpoint")] = None,
     backbone_weights: Annotated[Optional[str], typer.Option(help="torchvision's ImageNet ResNet-50 .pth for both ResNets")] = None,
@@ -183,6 +229,7 @@ def train(
         help="stop (evaluated, resumable) after this much training, e.g. 900, 15m, 1.5h (train.time_budget_s); "
              "a cosine lr schedule (the default from random weights) runs over it")] = None,
     set_: SetOption = None,
+    cfg_options: CfgOptions = None,
 ) -> None:
     """Train on one CPU or GPU; on several GPUs or nodes run it under torchrun:
     torchrun --nproc_per_node 2 -m oilleak train CONFIG [OPTIONS].
@@ -194,10 +241,12 @@ def train(
     and FPN), and their _tiny versions (the same architecture, narrow: CPU experiments, tests, the demo;
     ImageNet and COCO weight files fit only the full widths), e.g.
     --set model.preset=detectors_htc_r50_tiny --set data.scale=[640,256]."""
-    from oilleak.config import load_config
     from oilleak.train.loop import TrainOptions, run_training
 
-    cfg = load_config(config, set_ or [])
+    cfg, project = load_run_config(config, set_, cfg_options)
+    if project is not None:  # mmdetection's resume=True / auto_scale_lr.enable=True do what the flags do
+        resume = resume or (project.resume and resume_from is None)
+        auto_scale_lr = auto_scale_lr or project.auto_scale_lr
     options = TrainOptions(
         work_dir=work_dir, load_from=load_from, backbone_weights=backbone_weights, resume=resume,
         resume_from=resume_from, auto_scale_lr=auto_scale_lr, device=device, amp=amp, max_iters=max_iters,
@@ -211,15 +260,16 @@ def train(
 @app.command("test")
 @friendly_errors
 def test_(
-    config: Annotated[Path, typer.Argument(help="YAML config: the data, its classes and the model")],
+    config: Annotated[Path, typer.Argument(help="YAML config (the data, its classes and the model), or an mmdetection 3.x config file (.py)")],
     ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint, or an mmdetection one (loaded with a report)")],
     work_dir: Annotated[Optional[Path], typer.Option(help="reports go to WORK_DIR/test-TIME/ (default: train.work_dir)")] = None,
     show_dir: Annotated[Optional[Path], typer.Option(help="write ground truth beside prediction for every image here")] = None,
     out: Annotated[Optional[Path], typer.Option(help="all detections: .json (COCO results), or .pkl / .pickle (mmdetection 3.3's result pickle, as its tools/test.py --out writes)")] = None,
-    split: Annotated[str, typer.Option(help="train or val")] = "val",
+    split: Annotated[Optional[str], typer.Option(help="train, val or test [default: test when the config has one (an mmdetection config's test_dataloader), else val]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="allow replacing an existing --out file or --show-dir pictures")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
     set_: SetOption = None,
+    cfg_options: CfgOptions = None,
 ) -> None:
     """Evaluate a checkpoint: COCO box and mask AP, per class, with reports and plots.
 
@@ -230,12 +280,12 @@ def test_(
     When classes have _dry / _susp variants, AP with each class merged with its variants is shown too.
     Writes metrics.json, per_class.csv, report.md, PR curves and a mask-IoU confusion matrix.
     On several GPUs or nodes: torchrun --nproc_per_node N -m oilleak test CONFIG CKPT (the same reports)."""
-    from oilleak.config import load_config
     from oilleak.distributed import resolve_device
     from oilleak.evaluate.report import result_table
     from oilleak.evaluate.run import run_test
 
-    cfg = load_config(config, set_ or [])
+    cfg, _ = load_run_config(config, set_, cfg_options)
+    split = split or ("test" if cfg.data.test is not None else "val")
     outcome = run_test(
         cfg, ckpt, split=split, work_dir=work_dir, show_dir=show_dir, out=out, overwrite=overwrite,
         device=resolve_device(device), on_load=lambda note: console.print(note, markup=False, highlight=False),
@@ -401,5 +451,29 @@ def demo(
     )
 
 
-if __name__ == "__main__":
+def spread_cfg_options(argv: list[str]) -> list[str]:
+    """mmdetection's spelling, ``--cfg-options a=1 b=2``, as ``--cfg-options a=1 --cfg-options b=2``: the
+    KEY=VALUE words after it, up to the next option, each become one (a click option takes one value)."""
+    out, spreading = [], False
+    for word in argv:
+        if word == "--cfg-options":
+            spreading = True
+            continue
+        if spreading and "=" in word and not word.startswith("-"):
+            out += ["--cfg-options", word]
+            continue
+        spreading = False
+        out.append(word)
+    return out
+
+
+def main() -> None:
+    """The console script and ``python -m oilleak``."""
+    import sys
+
+    sys.argv[1:] = spread_cfg_options(sys.argv[1:])
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -42,6 +42,8 @@ class DataConfig(_Section):
     classes: list[str] = Field(min_length=1)
     train: SplitConfig = SplitConfig(ann_file="annotations/train.json", img_dir="train", sem_dir="train_mask")
     val: SplitConfig = SplitConfig(ann_file="annotations/val.json", img_dir="val", sem_dir="val_mask")
+    # A third split for `oilleak test` only (an mmdetection config's test_dataloader); none by default.
+    test: SplitConfig | None = None
     # (long edge, short edge) the image is resized to fit, keeping its aspect ratio.
     scale: tuple[int, int] = (1333, 800)
     # Training only: when given, each image draws one of these scales at random instead of `scale`.
@@ -63,8 +65,10 @@ class DataConfig(_Section):
         return v
 
     def split(self, name: str) -> SplitConfig:
-        if name not in ("train", "val"):
-            raise ConfigError(f"unknown split {name!r}; use 'train' or 'val'")
+        if name == "test" and self.test is None:
+            raise ConfigError("the config has no data.test split; use 'val', or add data.test (ann_file, img_dir)")
+        if name not in ("train", "val", "test"):
+            raise ConfigError(f"unknown split {name!r}; use 'train', 'val' or 'test'")
         return getattr(self, name)
 
     def root(self) -> Path:
