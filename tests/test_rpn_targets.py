@@ -1,8 +1,8 @@
 """RPN anchor targets and losses against mmdetection 3.3's own, on RPN outputs of float64 parity fixtures.
 
-Each file in tests/data/mmdet_rpn/ holds the RPN head's raw outputs of one fixture (landscape, portrait,
-heavy padding, ground truth touching the top-left or bottom-right edge, many instances, and IoU ties between
-anchors), and what mmdet's ``RPNHead.loss_by_feat`` / ``get_targets`` computed from them, once in float64
+Each file in tests/data/mmdet_rpn/ holds the RPN head's raw outputs of one fixture (landscape at two scales,
+portrait, ground truth touching the top-left edge, or the bottom-right one with 31 px of padding beside it
+(the most one image gets), many instances, and IoU ties between anchors), and what mmdet's ``RPNHead.loss_by_feat`` / ``get_targets`` computed from them, once in float64
 (as the fixtures' loss pass) and once in float32 (as mmdet trains). ``tests/tools/mmdet_rpn_reference.py``
 wrote them with the peer's python. Every anchor is sampled (num 1e7), so nothing depends on random draws.
 """
