@@ -47,11 +47,13 @@ CfgOptions = Annotated[
 def load_run_config(config: Path, set_: list[str] | None, cfg_options: list[str] | None):
     """oilleak's YAML, or an mmdetection 3.x config file read as it is (printing what was taken and ignored).
     Returns the Config and, for an mmdetection file, the project (its resume / auto_scale_lr)."""
+    from oilleak.distributed import launched_as_main
     from oilleak.mmdet_project import describe, is_mmdet_config, read_mmdet_project
 
     if is_mmdet_config(config):
         project = read_mmdet_project(config, cfg_options, set_ or [])
-        console.print(describe(project))
+        if launched_as_main():  # under torchrun every rank reads the file; rank 0 shows the table
+            console.print(describe(project))
         return project.config, project
     if cfg_options:
         raise OilleakError(f"--cfg-options is for mmdetection config files (.py); {config} is oilleak's YAML: use --set KEY=VALUE")
