@@ -12,7 +12,7 @@ presets (DetectoRS-HTC-R50 or HTC-R50) at any class count.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,8 @@ def _join(*parts: str) -> str:
     return posixpath.join(*[p for p in parts if p])
 
 
-def _split(r: _Reader, loader: str, root: str) -> tuple[SplitConfig, list[str], str]:
-    """One dataloader's dataset -> (its split relative to ``root``, its classes, its own data_root)."""
+def _split(r: _Reader, loader: str, root: str) -> tuple[SplitConfig, list[str]]:
+    """One dataloader's dataset -> (its split relative to ``root``, its classes)."""
     ds = f"{loader}.dataset"
     if r.get(ds) is None:
         raise r.refuse(loader, "has no dataset; oilleak reads CocoDataset dataloaders")
@@ -187,7 +187,7 @@ def _split(r: _Reader, loader: str, root: str) -> tuple[SplitConfig, list[str], 
                                ("data_prefix.seg", seg, "sem_dir")):
         if value is not None:
             r.report.take(f"{ds}.{key}", value, f"{target}: {getattr(split, target)}")
-    return split, list(classes), own_root
+    return split, list(classes)
 
 
 def _semantic_note(root: str, split: SplitConfig, name: str, r: _Reader) -> None:
@@ -241,14 +241,14 @@ def _pipeline(r: _Reader, loader: str, train: bool, data: dict[str, Any]) -> Non
 
 def _data(r: _Reader) -> dict[str, Any]:
     root = r.get("train_dataloader.dataset.data_root") or ""
-    train, classes, _ = _split(r, "train_dataloader", root)
+    train, classes = _split(r, "train_dataloader", root)
     data: dict[str, Any] = {"data_root": root or ".", "classes": classes, "train": train.model_dump()}
     r.report.take("train_dataloader.dataset.data_root", root, "data.data_root")
     r.report.take("train_dataloader.dataset.metainfo.classes", tuple(classes), f"data.classes ({len(classes)})")
     for loader, name in (("val_dataloader", "val"), ("test_dataloader", "test")):
         if r.get(f"{loader}.dataset") is None:
             continue
-        split, split_classes, _ = _split(r, loader, root)
+        split, split_classes = _split(r, loader, root)
         if split_classes != classes:
             raise r.refuse(f"{loader}.dataset.metainfo.classes", f"must be train_dataloader's {tuple(classes)}, in the same order")
         data[name] = split.model_dump()
@@ -455,8 +455,6 @@ def _model(r: _Reader, num_classes: int) -> dict[str, Any]:
 
 
 def _differences(ours: Any, preset: Any, prefix: str = "") -> str:
-    from dataclasses import fields, is_dataclass
-
     if is_dataclass(ours) and is_dataclass(preset) and type(ours) is type(preset):
         found = [_differences(getattr(ours, f.name), getattr(preset, f.name), f"{prefix}{f.name}.") for f in fields(ours)]
         return "; ".join(d for d in found if d)
