@@ -5,6 +5,7 @@ collate, inference loop, COCO evaluation); then `oilleak test` with the real tin
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -109,6 +110,33 @@ def test_run_test_writes_reports_pictures_and_detections(data_root, tmp_path, mo
     with pytest.raises(OilleakError, match="would overwrite"):
         run_test(config, tmp_path / "unused.pth", work_dir=tmp_path / "work", show_dir=show, progress=False)
     assert not stand_in
+
+
+def test_run_test_never_writes_over_the_photos_or_the_annotations_overwrite_included(data_root, tmp_path, monkeypatch):
+    config = make_config(data_root)
+    photos = {p: p.read_bytes() for p in (data_root / "val").iterdir()}
+    annotations = (data_root / "annotations" / "val.json").read_bytes()
+    loaded = []
+    monkeypatch.setattr(evaluate_run, "load_model_for_test", lambda *args: loaded.append(args))
+    run = dict(work_dir=tmp_path / "work", overwrite=True, progress=False)
+    with pytest.raises(OilleakError, match=f"would replace a file in the image folder {data_root / 'val'}.*--overwrite included"):
+        run_test(config, tmp_path / "unused.pth", show_dir=data_root / "val", **run)
+    with pytest.raises(OilleakError, match="is .*val.json, a file this test reads.*--overwrite included"):
+        run_test(config, tmp_path / "unused.pth", out=data_root / "annotations" / "val.json", **run)
+    assert not loaded and {p: p.read_bytes() for p in photos} == photos
+    assert (data_root / "annotations" / "val.json").read_bytes() == annotations
+
+    # the image folder holds links to the photos kept elsewhere: --show-dir there is refused too
+    linked = tmp_path / "linked"
+    shutil.copytree(data_root / "annotations", linked / "annotations")
+    (linked / "val").mkdir()
+    kept = tmp_path / "photos"
+    shutil.copytree(data_root / "val", kept)
+    for p in kept.iterdir():
+        (linked / "val" / p.name).symlink_to(p)
+    with pytest.raises(OilleakError, match="picture .* would replace a photo of the dataset"):
+        run_test(make_config(linked), tmp_path / "unused.pth", show_dir=kept, **run)
+    assert not loaded and {p.name: p.read_bytes() for p in kept.iterdir()} == {p.name: b for p, b in photos.items()}
 
 
 # --- `oilleak test` with the real tiny model -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""COCO splits: loading through pycocotools, class matching by name, semantic maps.
+"""COCO splits: loading through pycocotools, class matching by name (:mod:`oilleak.data.class_names`),
+semantic maps. Image file names must stay inside the split's image folder (:mod:`oilleak.paths`).
 
 :func:`load_split` reads one split and checks it as it reads; every problem names the split, the image file
 and the annotation id. Errors make the split unusable; warnings describe a repair (a box clipped, an
@@ -15,10 +16,10 @@ folder exists, otherwise derived from the instance masks (:func:`derive_sem_map`
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import json
 import math
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from oilleak.config import DataConfig
+from oilleak.data.class_names import match_classes
 from oilleak.data.rle import rle_string_runs
 from oilleak.data.transforms import EXIF_ORIENTATION, SWAPPING_ORIENTATIONS
 from oilleak.errors import OilleakError
+from oilleak.paths import escape_reason
 from oilleak.structures import SEM_IGNORE
 
 SMALL_AREA = 32 * 32  # COCO's "small" objects: mask area below 32 x 32 px
@@ -49,6 +52,8 @@ FIXES = {
     "empty split": "add images to the split (`oilleak convert` writes train and val)",
     "image folder": "check data.data_root and data.<split>.img_dir",
     "invalid image entry": "every images[] entry needs an integer id, a file_name and positive width/height",
+    "image path outside the image folder": "put the image inside data.<split>.img_dir and give its file_name "
+                                           "relative to that folder (no leading '/', no '..')",
     "duplicate image": "give every image a unique id and file_name in the json",
     "missing image file": "copy the image into the image folder or remove it from the json",
     "unreadable image": "replace the file with a readable JPEG/PNG or remove it from the json",
@@ -219,56 +224,6 @@ def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# class matching
-
-
-def _near_matches(missing: list[str], extra: list[str]) -> list[str]:
-    lines = []
-    squash = {"".join(name.split()).casefold(): name for name in extra}
-    for name in missing:
-        same = squash.get("".join(name.split()).casefold())
-        if same is not None:
-            lines.append(f"'{name}' (config) and '{same}' (json) differ only in case or spaces")
-            continue
-        close = difflib.get_close_matches(name, extra, n=1, cutoff=0.6)
-        if close:
-            lines.append(f"'{name}' (config) looks like '{close[0]}' (json)")
-    return lines
-
-
-def match_classes(classes: list[str], categories: list[dict], ann_counts: Counter, ann_file: Path,
-                  config_name: str) -> tuple[dict[int, int] | None, str]:
-    """COCO category id -> label (index of the name in ``classes``), or (None, message) when they disagree.
-
-    Every config class must be a category, and every category with annotations must be a config class.
-    """
-    by_name = {c["name"]: c["id"] for c in categories}
-    missing = [c for c in classes if c not in by_name]
-    extra = [c["name"] for c in categories if c["name"] not in classes and ann_counts[c["id"]] > 0]
-    if not missing and not extra:
-        return {by_name[name]: label for label, name in enumerate(classes)}, ""
-    listed = ", ".join(f"'{c['name']}' (id {c['id']}, {ann_counts[c['id']]} annotations)" for c in categories)
-    lines = [
-        f"the class names in {config_name} do not match the categories of {ann_file}:",
-        "  (mmdetection drops such annotations silently; with none left it fails: 'need at least one array to concatenate')",
-        f"  config data.classes: {classes}",
-        f"  json categories:     {listed or 'none'}",
-    ]
-    if missing:
-        lines.append(f"  in the config, not in the json: {missing}")
-    if extra:
-        lines.append(f"  in the json (with annotations), not in the config: {extra}")
-    near = _near_matches(missing, [c["name"] for c in categories if c["name"] not in classes])
-    lines += [f"  near match: {line}" for line in near]
-    names = [c["name"] for c in categories if ann_counts[c["id"]] > 0] or [c["name"] for c in categories]
-    lines.append(
-        f"  fix: edit data.classes in {config_name} to the json's names, e.g. classes: [{', '.join(names)}]\n"
-        f"       or rename categories[].name in {ann_file} to the config's class names"
-    )
-    return None, "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
 # annotations
 
 
@@ -354,9 +309,9 @@ def _read_json(ann_file: Path, log: _Log) -> dict | None:
     return data
 
 
-def _valid_images(data: dict, img_dir: Path, log: _Log) -> dict[int, ImageRecord]:
+def _valid_images(data: dict, ann_file: Path, img_dir: Path, log: _Log) -> dict[int, ImageRecord]:
     records: dict[int, ImageRecord] = {}
-    names: dict[str, int] = {}
+    names: dict[str, int] = {}  # by normalised path: "a.jpg" and "sub/../a.jpg" are one file
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict):
             log.error("invalid image entry", f"images[{i}] is {str(img)[:60]}, not an object")
@@ -372,16 +327,20 @@ def _valid_images(data: dict, img_dir: Path, log: _Log) -> dict[int, ImageRecord
         if iid in records:
             log.error("duplicate image", f"{name}: image id {iid} is also used by {records[iid].file_name}")
             continue
-        if name in names:
-            log.error("duplicate image", f"{name} is listed twice (image ids {names[name]} and {iid})")
+        if (key := posixpath.normpath(name.replace("\\", "/"))) in names:
+            log.error("duplicate image", f"{name} is listed twice (image ids {names[key]} and {iid})")
             continue
-        names[name] = iid
+        names[key] = iid
         records[iid] = ImageRecord(iid, name, img_dir / name, w, h)
+        if (why := escape_reason(name)) is not None:  # kept, with its annotations, but never opened or written
+            log.error("image path outside the image folder", f"{ann_file}: images[{i}] (image id {iid}) file_name "
+                      f"{name!r} {why}, outside the image folder {img_dir}")
+            records[iid].usable = False
     return records
 
 
 def _check_image_files(records: list[ImageRecord], decode: bool, log: _Log) -> None:
-    for record in records:
+    for record in (r for r in records if r.usable):
         if not record.path.is_file():
             log.error("missing image file", f"{record.path} (image id {record.image_id}) does not exist")
             record.usable = False
@@ -558,7 +517,7 @@ def load_split(data_cfg: DataConfig, split: str, decode_images: bool = False,
     if data is None:
         return out
     categories = _valid_categories(data, ann_file, log)
-    records = _valid_images(data, img_dir, log)
+    records = _valid_images(data, ann_file, img_dir, log)
     if not data["images"]:
         if split == "val":  # `oilleak convert --val-fraction 0` writes it so: like a missing val split
             log.warning("no validation split", f"{ann_file} lists no images: training will not evaluate (no best.pth)")

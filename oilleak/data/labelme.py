@@ -6,7 +6,7 @@ What a labelme file means here (labelme's own semantics, see its ``label_file.py
 - polygon, rectangle (two corners) and circle (centre, point on the rim) shapes are areas; line, linestrip,
   point and points shapes are not, and are skipped with a warning, as are shape types we do not know;
 - shapes that share a ``group_id`` are one instance with several polygons;
-- the image is the file at ``imagePath`` (relative to the JSON file), else the base64 ``imageData``;
+- the image is the file at ``imagePath`` (relative to the JSON file, inside SRC), else the base64 ``imageData``;
 - labelme shows an image with its EXIF orientation applied, so the points are in the rotated frame.
 
 Everything is read and checked before anything is written; all problems are reported together.
@@ -21,6 +21,7 @@ import difflib
 import io
 import json
 import math
+import posixpath
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -35,6 +36,7 @@ from oilleak import __version__
 from oilleak.data.transforms import EXIF_ORIENTATION, SWAPPING_ORIENTATIONS
 from oilleak.errors import OilleakError
 from oilleak.files import atomic_write
+from oilleak.paths import escape_reason, inside
 
 SPLITS = ("train", "val")
 AREA_SHAPE_TYPES = ("polygon", "rectangle", "circle")
@@ -171,6 +173,9 @@ def _check_locations(src: Path, out: Path, overwrite: bool) -> None:
     if out == src or src in out.parents:
         raise OilleakError(f"OUT {out} is inside SRC {src}; SRC is never modified: choose an OUT outside it")
     written = [out / "annotations", *(out / s for s in SPLITS)]
+    for folder in written:  # e.g. a symbolic link OUT/train -> SRC: --overwrite would write over the photos
+        inside(out, folder.name, f"OUT folder {folder}", f"remove the link {folder} or choose another OUT")
+    written = [w.resolve() for w in written]
     if any(src == w or w in src.parents for w in written):
         raise OilleakError(
             f"SRC {src} lies in a folder convert writes ({', '.join(str(w) for w in written)}); "
@@ -225,8 +230,14 @@ def _read_labelme(src: Path, path: Path, warnings: list[ConvertWarning], errors:
 
 def _read_image(json_path: Path, rel: str, data: dict, errors: list[str]) -> _Image | None:
     image_path = str(data.get("imagePath") or "")
-    # labelme on Windows writes imagePath with backslashes.
-    on_disk = json_path.parent / image_path.replace("\\", "/") if image_path else None
+    escape = escape_reason(image_path, posixpath.dirname(rel)) if image_path else None
+    if escape is not None and not data.get("imageData"):
+        errors.append(f"{rel}: imagePath {image_path!r} {escape}, outside SRC (convert reads only inside SRC); "
+                      "give as SRC a folder that holds both the labelme files and their images, with imagePath "
+                      "relative to the JSON file (as labelme writes it)")
+        return None
+    # labelme on Windows writes imagePath with backslashes. A path outside SRC is never opened: imageData it is.
+    on_disk = json_path.parent / image_path.replace("\\", "/") if image_path and escape is None else None
     if on_disk is not None and on_disk.is_file():
         where, file = str(on_disk), on_disk
         raw = on_disk.read_bytes()
@@ -470,7 +481,7 @@ def _write(out: Path, splits: dict[str, list[_Entry]], classes: list[str], overw
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
         for entry in splits[split]:
-            _write_image(entry, out / split / entry.file_name)
+            _write_image(entry, inside(out / split, entry.file_name, f"image {entry.rel}", "report this as a bug"))
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         with atomic_write(out / "annotations" / f"{split}.json", "w", encoding="utf-8") as f:

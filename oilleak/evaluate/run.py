@@ -29,6 +29,7 @@ from oilleak.evaluate.mmdet_results import SUFFIXES as MMDET_SUFFIXES, write_mmd
 from oilleak.evaluate.plots import plot_confusion_matrix, plot_pr_curves
 from oilleak.evaluate.report import write_reports
 from oilleak.files import atomic_write
+from oilleak.paths import inside, is_within
 from oilleak.progress import progress_bar
 from oilleak.visualize import draw_instances, save_image, side_by_side
 
@@ -105,28 +106,44 @@ def load_model_for_test(ckpt: Path, config: Config, overrides: list[str] | None 
     return build_with_weights(used, raw["state_dict"], ckpt), note, used
 
 
-def check_out_path(out: Path | None, overwrite: bool) -> None:
+def check_out_path(out: Path | None, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """``inputs``: files the run reads (checkpoint, annotation files), never replaced, ``overwrite`` or not."""
     if out is None:
         return
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise OilleakError(f"--out {out}: use a .json (COCO results), .pkl or .pickle (mmdetection 3.3's result "
                           "pickle, as its tools/test.py --out writes) file name")
+    read = [p for p in inputs if p.exists() and p.resolve() == out.resolve()]
+    if read:
+        raise OilleakError(f"--out {out} is {read[0]}, a file this test reads; oilleak never replaces its inputs, "
+                           "--overwrite included: choose another name")
     if out.exists() and not overwrite:
         raise OilleakError(f"--out {out} already exists; choose another name or add --overwrite to replace it")
 
 
 def show_paths(show_dir: Path, images: list[tuple[int, str]]) -> dict[int, Path]:
     """Where each image's picture goes: under show_dir, at its dataset file name (sub-folders kept; names
-    stay unique because the dataset's are), with ``.png`` added to names PIL cannot write by suffix."""
+    stay unique because the dataset's are), with ``.png`` added to names PIL cannot write by suffix.
+    A name that would land outside show_dir (an absolute or ``..`` name, a symbolic link) is refused."""
 
     def picture(file_name: str) -> Path:
         path = Path(file_name)
         return path if path.suffix.lower() in (".jpg", ".jpeg", ".png") else path.with_name(path.name + ".png")
 
-    return {image_id: show_dir / picture(file_name) for image_id, file_name in images}
+    fix = "give the image a file_name inside its image folder (`oilleak check` lists such names), or another --show-dir"
+    return {image_id: inside(show_dir, picture(name), f"--show-dir picture of {name!r}", fix) for image_id, name in images}
 
 
-def _check_show_dir(paths: dict[int, Path], overwrite: bool) -> None:
+def _check_show_dir(paths: dict[int, Path], overwrite: bool, photos: list[Path], photo_dirs: list[Path]) -> None:
+    """Refuses pictures that would replace an existing file (unless ``overwrite``) and, ``overwrite`` or not,
+    one of the ``photos`` the test reads or any file already in the dataset's image folders ``photo_dirs``."""
+    inputs = {p.resolve() for p in photos}
+    for path in paths.values():
+        in_photos = next((d for d in photo_dirs if path.exists() and is_within(path, d)), None)
+        if path.resolve() in inputs or in_photos is not None:
+            what = f"a file in the image folder {in_photos}" if in_photos is not None else "a photo of the dataset"
+            raise OilleakError(f"--show-dir: picture {path} would replace {what}; oilleak never writes "
+                               "over your photos, --overwrite included: choose a --show-dir outside the dataset")
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise OilleakError(
@@ -217,11 +234,14 @@ def run_test(
     from oilleak.data.dataset import build_dataset
 
     runtime = distributed.start_if_launched(None if device is None else str(device))
-    check_out_path(out, overwrite)
+    splits = [s for s in ("train", "val", "test") if s != "test" or config.data.test is not None]
+    root = config.data.root()
+    check_out_path(out, overwrite, (ckpt, *(root / config.data.split(s).ann_file for s in splits)))
     dataset = build_dataset(config.data, split, train=False, config_name=config_name)
     class_names, cat_ids = list(config.data.classes), list(dataset.cat_ids)
     pictures = show_paths(show_dir, [(r.image_id, r.file_name) for r in dataset.records]) if show_dir else {}
-    _check_show_dir(pictures, overwrite)
+    _check_show_dir(pictures, overwrite, [r.path for r in dataset.records],
+                    [root / config.data.split(s).img_dir for s in splits])
     model, load_note, config = load_model_for_test(ckpt, config, overrides)
     if load_note and on_load is not None and runtime.is_main:
         on_load(load_note)

@@ -24,10 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from oilleak.paths import inside
 from oilleak.predict.instances import Instance
 from oilleak.visualize import banner, draw_instances, paint_mask_crops, save_image
 
 LABELME_VERSION = "5.5.0"  # the format of labelme 5 (description field); labelme 4 and 5 read it
+
+
+def output_file(out_dir: Path, folder: str, name: str, suffix: str) -> Path:
+    """``OUT/folder/NAME.suffix``: refused when it resolves outside OUT (a symbolic link in OUT, a name that
+    climbs out of it), so nothing `predict` writes lands outside the folder the user named."""
+    return inside(out_dir, f"{folder}/{name}{suffix}", f"output of {name!r}", "choose a new, empty --out-dir")
 
 
 def union_area(instances: list[Instance]) -> int:

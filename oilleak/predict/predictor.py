@@ -219,13 +219,13 @@ def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: 
     """Write the image's files; returns its instances record (what instances/NAME.json holds)."""
     height, width = image.shape[:2]
     polygons = [mask_polygons(inst) for inst in instances]
-    files.write_overlay(out_dir / "overlays" / f"{source.name}.jpg", image, instances, class_names,
+    files.write_overlay(files.output_file(out_dir, "overlays", source.name, ".jpg"), image, instances, class_names,
                         score_thr, top_score)
     record = files.instances_record(str(source.path), height, width, instances, polygons, class_names, score_thr)
-    files.write_json(out_dir / "instances" / f"{source.name}.json", record)
+    files.write_json(files.output_file(out_dir, "instances", source.name, ".json"), record)
     if save_labelme:
-        files.write_labelme(out_dir / "labelme" / f"{source.name}.json", source.path, height, width, instances,
-                            polygons, class_names)
+        files.write_labelme(files.output_file(out_dir, "labelme", source.name, ".json"), source.path, height, width,
+                            instances, polygons, class_names)
     return record
 
 
