@@ -394,12 +394,18 @@ def serve(
     batch_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a worker waits to fill a batch")] = 10.0,
     max_upload_mb: Annotated[float, typer.Option(min=0.01, help="largest image file accepted (413 above)")] = 20.0,
     max_pixels: Annotated[int, typer.Option(min=1, help="largest width x height accepted, checked before decoding (413 above)")] = 50_000_000,
+    pixel_budget_mp: Annotated[float, typer.Option(min=0.000001, help="megapixels decoded and not yet answered, all requests together (503 beyond)")] = 200.0,
+    max_requests: Annotated[int, typer.Option(min=1, help="/predict requests inside the server at once (503 beyond)")] = 32,
+    max_passes: Annotated[int, typer.Option(min=1, help="model passes per request: 1 per photo, or its tiles with ?tile= (422 beyond)")] = 100,
+    grace_s: Annotated[float, typer.Option(min=0.0, help="after SIGTERM, how long the work in flight may take; then the rest gets 503")] = 30.0,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="an origin whose pages may call the API (repeat it; default: same origin only)")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Serve the model over HTTP: POST /predict, /predict/batch, GET /health, /classes, /docs, and a page at /.
+    """Serve the model over HTTP: POST /predict, /predict/batch, GET /health, /classes, /openapi.json, and a page at /.
 
-    Set OILLEAK_API_KEY to require that key in the X-API-Key header of /predict and /classes calls.
-    SIGTERM answers the requests in flight, refuses new ones, then exits."""
+    Set OILLEAK_API_KEY to require that key in the X-API-Key header of /predict and /classes calls (and to see
+    more than ready/uptime on /health). SIGTERM answers the requests in flight within --grace-s, refuses new
+    ones, then exits."""
     import os
 
     from oilleak.distributed import resolve_device
@@ -407,8 +413,9 @@ def serve(
     from oilleak.serve.settings import ServeSettings
 
     settings = ServeSettings(workers=workers, queue=queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                             max_upload_mb=max_upload_mb, max_pixels=max_pixels,
-                             api_key=os.environ.get("OILLEAK_API_KEY") or None)
+                             max_upload_mb=max_upload_mb, max_pixels=max_pixels, pixel_budget_mp=pixel_budget_mp,
+                             max_requests=max_requests, max_passes=max_passes, grace_s=grace_s,
+                             cors_origins=tuple(cors_origin or ()), api_key=os.environ.get("OILLEAK_API_KEY") or None)
     run_server(ckpt, host=host, port=port, device=resolve_device(device), settings=settings, overrides=set_,
                on_ready=lambda line: console.print(line, markup=False, highlight=False))
 

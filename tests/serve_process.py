@@ -70,9 +70,30 @@ class ServerProcess:
         return self.process.returncode
 
 
+def tiny_served_checkpoint(path: Path) -> Path:
+    """An untrained tiny DetectoRS (BatchNorm statistics from two sample photos), as test_predict_model's
+    tiny_checkpoint makes it, built here from the model modules alone so that the server tests do not
+    depend on the predict tests' imports."""
+    import torch
+
+    from oilleak.config import config_from_dict
+    from oilleak.data.transforms import load_image, pad_batch, prepare_image
+    from oilleak.models.checkpoint import save_checkpoint
+    from oilleak.models.presets import build_model
+    from oilleak.train.from_scratch import calibrate_frozen_batchnorm
+
+    scale = (512, 320)
+    config = config_from_dict({"data": {"data_root": "data", "classes": CLASSES, "scale": list(scale), "workers": 0},
+                               "model": {"preset": "detectors_htc_r50_tiny"}})
+    torch.manual_seed(0)
+    model = build_model(config.model, len(CLASSES))
+    photos = sorted((REPO / "sample" / "bsdata").glob("*.jpg"))[:2]
+    calibrate_frozen_batchnorm(model, [pad_batch([prepare_image(load_image(p), scale)[0]])[0] for p in photos])
+    save_checkpoint(path, model=model, config=config)
+    return path
+
+
 @pytest.fixture(scope="session")
 def serve_ckpt(tmp_path_factory) -> Path:
-    """The tiny checkpoint both server test modules serve (made once per test process)."""
-    from test_predict_model import tiny_checkpoint
-
-    return tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt") / "tiny.pth", CLASSES)
+    """The tiny checkpoint the server test modules serve (made once per test process)."""
+    return tiny_served_checkpoint(tmp_path_factory.mktemp("serve_ckpt") / "tiny.pth")

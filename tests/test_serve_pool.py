@@ -14,7 +14,7 @@ import torch
 from oilleak.data.transforms import load_image
 from oilleak.predict.instances import Instance
 from oilleak.serve.model import ServedModel
-from oilleak.serve.pool import InferencePool, QueueFull
+from oilleak.serve.pool import InferencePool, QueueFull, ShuttingDown
 from serve_process import SMALL_SCALE, serve_ckpt  # noqa: F401 (a fixture)
 
 
@@ -93,6 +93,43 @@ def test_a_tiled_image_runs_alone_tile_by_tile():
         assert tiled.result(10) and set(model.batches) == {1} and len(model.batches) == 9  # 3 x 3 tiles
     finally:
         pool.close()
+
+
+def test_cancel_fails_the_waiting_and_close_does_not_wait_forever():
+    model = Recorder()
+    model.release.clear()  # a model pass that does not end (until released below)
+    pool = InferencePool(model, workers=1, queue=4, max_batch=1, batch_wait_s=0)
+    (inside,) = pool.submit([image(10)])
+    time.sleep(0.1)
+    waiting = pool.submit([image(20)]) + pool.submit([image(30)])
+    assert pool.cancel() == 2
+    for future in waiting:
+        with pytest.raises(ShuttingDown, match="before this image's turn"):
+            future.result(1)
+    with pytest.raises(ShuttingDown):
+        pool.submit([image(40)])
+    started = time.monotonic()
+    assert pool.close(timeout=0.5) is False  # the worker is still inside the model: reported, not joined forever
+    assert 0.4 < time.monotonic() - started < 2
+    model.release.set()
+    assert inside.result(10)[0].score == pytest.approx(10 / 255)  # the pass that had begun still answers
+    assert pool.close(timeout=5) is True
+
+
+def test_cancel_stops_a_tiled_image_between_tiles():
+    model = Recorder()
+    pool = InferencePool(model, workers=1, queue=4, max_batch=1, batch_wait_s=0)
+    try:
+        model.release.clear()
+        (tiled,) = pool.submit([image(60, size=600)], tile=128)  # 6 x 6 tiles
+        time.sleep(0.1)  # the worker is inside the first tile
+        pool.cancel()
+        model.release.set()
+        with pytest.raises(ShuttingDown, match="tiles were not all run"):
+            tiled.result(10)
+        assert len(model.batches) == 1  # the tile that had begun, none after it
+    finally:
+        pool.close(timeout=5)
 
 
 def test_the_model_gives_a_photo_the_same_instances_in_a_batch_as_alone(serve_ckpt, sample_dir):

@@ -3,7 +3,11 @@
 Every answer that is not a success is JSON ``{"error": code, "message": what to do}``, never a traceback;
 an exception in one request is logged and answered with 500, and the server goes on. The :class:`Gate`
 in front of the app refuses work before the body is read when it cannot be done (API key, shutting down,
-queue full, body too large) and writes one JSON access-log line per request.
+too many requests inside, queue full, body too large) and writes one JSON access-log line per request,
+with its request id (the client's X-Request-ID, or one made up; echoed back). The endpoints then hold each
+photo's pixels against the :class:`~oilleak.serve.admission.PixelBudget` from its header on, and refuse a
+request whose model passes (tiles) exceed the limit. No CORS headers unless origins are configured; no
+/docs page (its assets would come from a CDN): the schema is at /openapi.json.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import hmac
 import io
 import json
 import logging
+import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -24,6 +30,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -33,10 +40,11 @@ from starlette.exceptions import HTTPException
 from oilleak.predict.instances import Instance, fill_holes, mask_polygons
 from oilleak.predict.files import instances_record, overlay_image
 from oilleak.visualize import palette
+from oilleak.serve.admission import RETRY_AFTER_S, PixelBudget, too_many_passes
 from oilleak.serve.model import ServedModel
 from oilleak.serve.pool import InferencePool, QueueFull
-from oilleak.serve.settings import ServeSettings
-from oilleak.serve.uploads import UploadError, decode_image
+from oilleak.serve.settings import MIN_TILE, ServeSettings
+from oilleak.serve.uploads import UploadError, decode_upload, open_upload
 
 STATIC = Path(__file__).parent / "static"
 access_log = logging.getLogger("oilleak.serve.access")
@@ -45,13 +53,14 @@ error_log = logging.getLogger("oilleak.serve")
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error",
                503: "unavailable"}
-RETRY_AFTER_S = "1"
+POOL_CLOSE_S = 5.0  # at exit, how long to wait for a worker still inside a model pass
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and headers around the files of a request
 KEYED_PATHS = ("/predict", "/classes")
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")  # what a client's X-Request-ID may be to be logged as is
 
 # The query parameters of both /predict endpoints (module level: FastAPI resolves the annotations by name)
 ScoreThr = Annotated[Optional[float], Query(ge=0.0, le=1.0, description="keep instances scoring at least this (default: the checkpoint's predict.score_thr)")]
-Tile = Annotated[Optional[int], Query(ge=64, le=8192, description="predict in TILE x TILE tiles (20% overlap) and merge: very large photos")]
+Tile = Annotated[Optional[int], Query(ge=MIN_TILE, le=8192, description="predict in TILE x TILE tiles (20% overlap) and merge: very large photos; the tiles of a request count against the server's --max-passes")]
 Overlay = Annotated[bool, Query(description="add overlay_png: the photo with the leaks drawn, PNG in base64")]
 
 
@@ -61,6 +70,14 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 def busy(message: str) -> JSONResponse:
     return error(503, message, {"Retry-After": RETRY_AFTER_S})
+
+
+def key_given(headers, settings: ServeSettings) -> bool:
+    """Whether a request may see what the key protects: the server has no key, or the request has it."""
+    if not settings.api_key:
+        return True
+    given = headers.get(b"x-api-key", b"") if isinstance(headers, dict) else headers.get("x-api-key", "").encode()
+    return hmac.compare_digest(given, settings.api_key.encode())
 
 
 class Gate:
@@ -74,8 +91,10 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex[:12]
+        given_id = dict(scope["headers"]).get(b"x-request-id", b"")
+        request_id = given_id.decode() if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex[:12]
         status = {"code": 0}
+        counted = False
 
         async def send_logged(message):
             if message["type"] == "http.response.start":
@@ -88,11 +107,14 @@ class Gate:
             if refusal is not None:
                 await refusal(scope, receive, send_logged)
             else:
+                counted = scope["method"] == "POST" and scope["path"].startswith("/predict")
+                self.state.requests_inside += counted
                 await self.app(scope, self.limited(scope, receive), send_logged)
         except Exception:
             status["code"] = status["code"] or 500  # the error middleware outside answers it, with 500
             raise
         finally:
+            self.state.requests_inside -= counted
             self.state.requests_served += 1
             client = scope.get("client") or ("", 0)
             access_log.info(json.dumps({
@@ -103,13 +125,14 @@ class Gate:
 
     def refusal(self, scope) -> JSONResponse | None:
         path, settings = scope["path"], self.state.settings
-        if settings.api_key and path.startswith(KEYED_PATHS):
-            given = dict(scope["headers"]).get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, settings.api_key.encode()):
-                return error(401, "this server needs an API key: send it in the X-API-Key header")
+        if path.startswith(KEYED_PATHS) and not key_given(dict(scope["headers"]), settings):
+            return error(401, "this server needs an API key: send it in the X-API-Key header")
         if scope["method"] == "POST" and path.startswith("/predict"):
             if self.state.draining:
                 return busy("the server is shutting down; send the request to another instance or retry shortly")
+            if self.state.requests_inside >= settings.max_requests:
+                return busy(f"the server is busy with {self.state.requests_inside} requests (--max-requests "
+                            f"{settings.max_requests}); retry shortly")
             if self.state.pool.full():
                 return busy(f"the inference queue is full ({self.state.pool.queue_size} images wait); retry shortly")
             length = dict(scope["headers"]).get(b"content-length")
@@ -149,9 +172,20 @@ class ServerState:
         self.settings = settings
         self.started = time.monotonic()
         self.requests_served = 0
+        self.requests_inside = 0  # /predict* requests admitted by the Gate and not answered yet
         self.draining = False
+        self.pixels = PixelBudget(settings.pixel_budget)
         self.pool = InferencePool(model, workers=settings.workers, queue=settings.queue,
                                   max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work now; after the grace period, answer the images still waiting with 503."""
+        if self.draining:
+            return
+        self.draining = True
+        timer = threading.Timer(self.settings.grace_s, self.pool.cancel)
+        timer.daemon = True
+        timer.start()
 
 
 def answer(model: ServedModel, name: str, image: np.ndarray, instances: list[Instance], score_thr: float,
@@ -174,10 +208,12 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await run_in_threadpool(state.pool.close)  # uvicorn has answered the requests in flight by now
+        # uvicorn has answered the requests in flight by now, or given up on them after its timeout
+        state.pool.cancel()
+        await run_in_threadpool(state.pool.close, POOL_CLOSE_S)
 
     app = FastAPI(title="oilleak", summary="Find and outline oil leaks in substation photos",
-                  version="0.1.0", lifespan=lifespan)
+                  version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.oilleak = state
 
     @app.exception_handler(HTTPException)
@@ -187,7 +223,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return error(422, f"{problems} (see /docs)")
+        return error(422, f"{problems} (the API: /openapi.json)")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -197,28 +233,39 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
     def threshold(score_thr: float | None) -> float:
         return model.score_thr if score_thr is None else score_thr
 
-    async def decoded(upload: UploadFile) -> tuple[str, np.ndarray]:
+    async def opened(upload: UploadFile) -> tuple[str, Image.Image]:
+        """The photo's name and its header read, its pixels not decoded yet (UploadError if it is refused)."""
         name = PurePath(upload.filename or "upload").name
         data = await upload.read()
-        image = await run_in_threadpool(decode_image, data, name, settings.max_upload_bytes, settings.max_pixels)
-        return name, image
+        return name, await run_in_threadpool(open_upload, data, name, settings.max_upload_bytes, settings.max_pixels)
+
+    def check_passes(images: list[Image.Image], tile: int | None) -> None:
+        problem = too_many_passes([image.size for image in images], tile, settings.max_passes)
+        if problem is not None:
+            raise HTTPException(422, problem)
 
     async def predicted(images: list[np.ndarray], tile: int | None, score_thr: float) -> list[list[Instance]]:
         try:
             futures = state.pool.submit(images, tile, score_thr)
-        except QueueFull as exc:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except QueueFull as exc:  # at submission, or the server stopped before the images' turn
             raise HTTPException(503, f"busy: {exc}; retry shortly", headers={"Retry-After": RETRY_AFTER_S}) from None
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     @app.post("/predict", summary="Leaks in one photo (multipart field `image`)")
     async def predict(image: Annotated[UploadFile, File(description="JPEG, PNG, BMP, TIFF or WebP")],
                       score_thr: ScoreThr = None, tile: Tile = None, overlay: Overlay = False) -> dict:
         try:
-            name, pixels = await decoded(image)
+            name, header = await opened(image)
         except UploadError as exc:
             return error(exc.status, exc.message)
-        (instances,) = await predicted([pixels], tile, threshold(score_thr))
-        return await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
+        check_passes([header], tile)
+        with state.pixels.hold(header.width * header.height):
+            try:
+                pixels = await run_in_threadpool(decode_upload, header, name)
+            except UploadError as exc:
+                return error(exc.status, exc.message)
+            (instances,) = await predicted([pixels], tile, threshold(score_thr))
+            return await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
 
     @app.post("/predict/batch", summary="Leaks in several photos (multipart fields `images`)")
     async def predict_batch(images: Annotated[list[UploadFile], File(description="the photos")],
@@ -226,34 +273,49 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         if len(images) > settings.max_images:
             return error(413, f"{len(images)} images: at most {settings.max_images} per request; split them")
         results: list[dict | None] = [None] * len(images)
-        good: list[tuple[int, str, np.ndarray]] = []
+
+        def refused(k: int, exc: UploadError) -> None:  # one bad photo does not spoil the others
+            results[k] = {"source": PurePath(images[k].filename or "upload").name, "error": ERROR_CODES[exc.status],
+                          "status": exc.status, "message": exc.message}
+
+        headers: list[tuple[int, str, Image.Image]] = []
         for k, upload in enumerate(images):
             try:
-                good.append((k, *await decoded(upload)))
-            except UploadError as exc:  # one bad photo does not spoil the others
-                results[k] = {"source": PurePath(upload.filename or "upload").name, "error": ERROR_CODES[exc.status],
-                              "status": exc.status, "message": exc.message}
-        found = await predicted([pixels for _, _, pixels in good], tile, threshold(score_thr)) if good else []
-        for (k, name, pixels), instances in zip(good, found):
-            results[k] = await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
+                headers.append((k, *await opened(upload)))
+            except UploadError as exc:
+                refused(k, exc)
+        check_passes([header for _, _, header in headers], tile)
+        with state.pixels.hold(sum(header.width * header.height for _, _, header in headers)):
+            good: list[tuple[int, str, np.ndarray]] = []
+            for k, name, header in headers:
+                try:
+                    good.append((k, name, await run_in_threadpool(decode_upload, header, name)))
+                except UploadError as exc:
+                    refused(k, exc)
+            found = await predicted([pixels for _, _, pixels in good], tile, threshold(score_thr)) if good else []
+            for (k, name, pixels), instances in zip(good, found):
+                results[k] = await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
         return {"model": model.info, "results": results}
 
-    @app.get("/health", summary="Ready or not, the model, the queue")
-    async def health() -> JSONResponse:
-        pool = state.pool
-        body = {"ready": not state.draining, "status": "draining" if state.draining else "ready",
-                "model": model.info, "classes": model.classes, "device": str(model.device),
-                "uptime_s": round(time.monotonic() - state.started, 1), "requests_served": state.requests_served,
-                "images_predicted": pool.images,
-                "pool": {"workers": settings.workers, "queue": settings.queue, "waiting": pool.waiting,
-                         "running": pool.running, "max_batch": settings.max_batch, "batches": pool.batches},
-                "api_key_required": settings.api_key is not None}
+    @app.get("/health", summary="Ready or not and the uptime; with the API key, the model and the queue too")
+    async def health(request: Request) -> JSONResponse:
+        body: dict[str, Any] = {"ready": not state.draining, "status": "draining" if state.draining else "ready",
+                                "uptime_s": round(time.monotonic() - state.started, 1)}
+        if key_given(request.headers, settings):  # what the server runs is the key's to show
+            pool = state.pool
+            body |= {"model": model.info, "classes": model.classes, "device": str(model.device),
+                     "requests_served": state.requests_served, "requests_inside": state.requests_inside,
+                     "images_predicted": pool.images,
+                     "megapixels_in_flight": round(state.pixels.used / 1e6, 3),
+                     "pool": {"workers": settings.workers, "queue": settings.queue, "waiting": pool.waiting,
+                              "running": pool.running, "max_batch": settings.max_batch, "batches": pool.batches},
+                     "api_key_required": settings.api_key is not None}
         return JSONResponse(body, 503 if state.draining else 200)
 
-    @app.get("/classes", summary="The classes and the colours the overlays draw them in")
+    @app.get("/classes", summary="The model, its classes and the colours the overlays draw them in")
     async def classes() -> dict:
         colours = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in palette(len(model.classes))]
-        return {"classes": model.classes, "colours": colours}
+        return {"model": model.info, "classes": model.classes, "colours": colours}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -261,4 +323,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, state=state)
+    if settings.cors_origins:  # outside the Gate: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID", "Retry-After"])
     return app

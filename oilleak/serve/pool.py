@@ -7,6 +7,11 @@ that takes an image waits up to ``batch_wait_s`` for more (up to ``max_batch``) 
 batch: on a GPU one batch of N costs far less than N single passes. Tiled images run alone, tile by tile.
 Each image carries its request's score threshold; a batch computes masks for the detections at or above the
 lowest threshold in it (the model's ``min_score``), since the answers drop the rest.
+
+Shutdown (:meth:`InferencePool.cancel`, then :meth:`InferencePool.close`): the images still waiting fail
+with :class:`ShuttingDown` (the app answers 503) and a tiled image stops before its next tile; the batch
+inside the model finishes, since a model pass cannot be interrupted. ``close`` waits for the workers at
+most its ``timeout``: they are daemon threads and do not hold the process.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ class QueueFull(Exception):
     """Every queue place is taken; the request should come back later."""
 
 
+class ShuttingDown(QueueFull):
+    """The server stops: the image was not run and will not be; another instance or a retry will."""
+
+
 @dataclass
 class _Job:
     image: np.ndarray
@@ -48,6 +57,7 @@ class InferencePool:
         self._waiting: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._cancelled = False
         self.running = 0  # images inside the model now
         self.batches = 0
         self.images = 0
@@ -67,7 +77,7 @@ class InferencePool:
         than the queue holds is taken when the queue is empty, so no request size is refused forever."""
         with self._cond:
             if self._closed:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if self._waiting and len(self._waiting) + len(images) > self.queue_size or len(self._waiting) >= self.queue_size:
                 raise QueueFull(f"{len(self._waiting)} images are waiting (queue of {self.queue_size})")
             jobs = [_Job(image, tile, min_score, Future()) for image in images]
@@ -75,13 +85,35 @@ class InferencePool:
             self._cond.notify(len(jobs))
         return [job.future for job in jobs]
 
-    def close(self) -> None:
-        """Finish what was queued, then stop the workers."""
+    def cancel(self) -> int:
+        """Take no more images, fail the waiting ones with ShuttingDown, stop tiled images between tiles;
+        how many images were failed."""
+        with self._cond:
+            self._closed = self._cancelled = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for job in dropped:
+            job.future.set_exception(ShuttingDown("the server is shutting down before this image's turn"))
+        return len(dropped)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish what was queued, then stop the workers, waiting at most ``timeout`` seconds in all (None:
+        as long as it takes); whether every worker has stopped."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join()
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _tile_pass(self, min_score: float) -> Callable[[np.ndarray], list[Instance]]:
+        def run(tile: np.ndarray) -> list[Instance]:
+            if self._cancelled:
+                raise ShuttingDown("the server is shutting down; this photo's tiles were not all run")
+            return self.predict([tile], min_score)[0]
+        return run
 
     def _next_batch(self) -> list[_Job] | None:
         with self._cond:
@@ -110,7 +142,7 @@ class InferencePool:
             try:
                 min_score = min(job.min_score for job in batch)
                 if batch[0].tile is not None:
-                    results = [predict_tiled(batch[0].image, lambda tile: self.predict([tile], min_score)[0], batch[0].tile)]
+                    results = [predict_tiled(batch[0].image, self._tile_pass(min_score), batch[0].tile)]
                 else:
                     results = self.predict([job.image for job in batch], min_score)
             except Exception as exc:  # the request fails, the worker lives on

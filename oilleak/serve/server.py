@@ -1,12 +1,16 @@
 """`oilleak serve`: load the checkpoint once, warm the model up, serve with uvicorn.
 
 SIGTERM (or Ctrl-C) stops the server gracefully: /health turns "draining" (503), new /predict calls are
-refused with 503 and uvicorn stops accepting connections, the requests in flight are answered, then the
-inference pool stops and the process exits 0.
+refused with 503 and uvicorn stops accepting connections. The requests in flight are answered if their work
+is done within the grace period (``--grace-s``); when it ends, the images still waiting for a worker (and
+tiled photos, before their next tile) are answered 503, the model pass running then finishes, and uvicorn
+waits :data:`ANSWER_MARGIN_S` more for those last answers before it closes what is left. Then the
+inference pool stops and the process exits.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +21,19 @@ import uvicorn
 from oilleak.serve.app import create_app
 from oilleak.serve.model import ServedModel
 from oilleak.serve.settings import ServeSettings
+
+
+ANSWER_MARGIN_S = 10.0  # after the grace period: time for the 503s and the last model pass to go out
+CONNECTIONS_OVER_REQUESTS = 64  # uvicorn's own limit (plain-text 503) sits this far above --max-requests
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,11 +66,12 @@ def run_server(ckpt: Path, *, host: str, port: int, device, settings: ServeSetti
     _log_json_lines()
     state = app.state.oilleak
 
-    def drain() -> None:
-        state.draining = True
-
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="info",
-                            timeout_graceful_shutdown=120, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="info", lifespan="on",
+                            timeout_graceful_shutdown=settings.grace_s + ANSWER_MARGIN_S,
+                            limit_concurrency=settings.max_requests + CONNECTIONS_OVER_REQUESTS)
+    if not is_loopback(host) and not settings.api_key:
+        on_ready(f"WARNING: serving {host}, reachable from other machines, without an API key: anyone who can "
+                 "reach the port can run the model. Set OILLEAK_API_KEY, or serve --host 127.0.0.1 behind a proxy.")
     on_ready(f"oilleak serve: {model.checkpoint} ({model.preset}, {len(model.classes)} classes) on "
-             f"{model.device}, http://{host}:{port}/ (API docs at /docs)")
-    DrainingServer(config, drain).run()
+             f"{model.device}, http://{host}:{port}/ (API schema at /openapi.json)")
+    DrainingServer(config, state.begin_shutdown).run()

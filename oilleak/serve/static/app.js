@@ -10,22 +10,23 @@ function apiHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 
+// /classes carries the model and the colours; on a server with an API key it needs the key (401 without)
 async function loadServerInfo() {
   try {
-    const health = await (await fetch("/health")).json();
-    const m = health.model;
+    const response = await fetch("/classes", { headers: apiHeaders() });
+    if (response.status === 401) {
+      $("#key-box").hidden = false;
+      $("#model").textContent = "this server needs an API key: enter it above";
+      return;
+    }
+    const info = await response.json();
+    const m = info.model;
     $("#model").textContent = `${m.checkpoint} · ${m.preset} · ${m.classes.length} classes · ${m.device}`;
+    state.colours = info.colours;
     setThreshold(m.score_thr);
-    $("#key-box").hidden = !health.api_key_required;
-    await loadColours();
   } catch (err) {
     $("#model").textContent = `the server does not answer (${err.message})`;
   }
-}
-
-async function loadColours() {
-  const response = await fetch("/classes", { headers: apiHeaders() });
-  if (response.ok) state.colours = (await response.json()).colours;
 }
 
 function setThreshold(value) {
@@ -159,5 +160,5 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); handleFiles(e.dataTransfer.files); });
 $("#files").addEventListener("change", (e) => { handleFiles(e.target.files); e.target.value = ""; });
 $("#score").addEventListener("input", (e) => setThreshold(e.target.value));
-$("#key").addEventListener("change", loadColours);
+$("#key").addEventListener("change", loadServerInfo);
 loadServerInfo();
