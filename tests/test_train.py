@@ -188,7 +188,7 @@ def test_progress_bar_groups_the_loss_terms():
 
 
 def test_nan_stop_advice_without_a_checkpoint_says_to_change_or_empty_the_work_dir(tmp_path):
-    from oilleak.train.loop import diverged_advice
+    from oilleak.train.stops import diverged_advice
 
     advice = diverged_advice(None, tmp_path / "run")
     assert "no checkpoint was written yet" in advice and "--resume" not in advice
