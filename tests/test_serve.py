@@ -9,10 +9,8 @@ import base64
 import io
 import json
 import shutil
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -21,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from broken_images import corpus, png_claiming
 from oilleak.predict.predictor import run_predict
 from serve_process import CLASSES, SMALL_SCALE, ServerProcess, serve_ckpt  # noqa: F401 (a fixture)
 
@@ -182,12 +181,27 @@ def test_bad_uploads_get_json_errors_and_the_server_goes_on(client, photo):
     assert client.post("/predict", params=FAST, files=upload(photo)).status_code == 200
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height (a decompression bomb: decoding it would need GBs)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+def test_every_broken_or_odd_image_gets_an_answer_or_a_clear_refusal(client):
+    """The corpus of tests/broken_images.py, one by one and all in one batch: a broken file is refused with a
+    4xx naming it, an odd valid one is predicted at its size (or refused as clearly: GIF is not taken)."""
+    samples = corpus()
+    for sample in samples:
+        response = client.post("/predict", params=FAST, files=upload(data=sample.data, name=sample.name))
+        assert response.status_code < 500 and "Traceback" not in response.text, (sample.name, response.text)
+        if response.status_code == 200:
+            assert sample.kind == "read", sample.name
+            if sample.expect_size:
+                assert (response.json()["width"], response.json()["height"]) == sample.expect_size, sample.name
+        else:
+            assert response.status_code in (400, 413, 415), (sample.name, response.text)
+            assert response.json()["message"].startswith(f"{sample.name}: "), response.json()
+            assert sample.kind == "refuse" or sample.name == "animated.gif", (sample.name, response.text)
+    for half in (samples[:9], samples[9:]):  # at most 16 photos per request
+        batch = client.post("/predict/batch", params=FAST, files=[("images", (s.name, s.data)) for s in half])
+        assert batch.status_code == 200 and len(batch.json()["results"]) == len(half)
+        for sample, result in zip(half, batch.json()["results"]):
+            assert result["source"] == sample.name
+            assert ("error" in result) == (sample.kind == "refuse" or sample.name == "animated.gif"), result
 
 
 def test_decompression_bombs_are_refused_before_decoding(client, server):

@@ -16,6 +16,8 @@ The pixels are mmdetection's, so an mmdetection checkpoint sees in oilleak what 
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from oilleak.data.rescale import rescale_size  # here too: its callers import it from the transforms
@@ -36,13 +39,34 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that turn the image by 90 degrees: width and height swap
 
 
+def _refuse_huge_header(data: np.ndarray, path: str | Path) -> None:
+    """An OilleakError when the file's header claims more pixels than Pillow opens (2 x its MAX_IMAGE_PIXELS,
+    179 MP): Pillow reads only the header to tell. OpenCV would pad a 1 kB JPEG claiming 30000 x 30000 into
+    2.7 GB of grey, and raises instead of returning None above 2^30 pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning and EXIF complaints: not errors here
+            Image.open(io.BytesIO(data.tobytes())).close()
+    except Image.DecompressionBombError as exc:
+        raise OilleakError(f"cannot read image {path}: {exc}; replace it with a readable, smaller JPEG/PNG "
+                           "or remove it") from None
+    except Exception:  # noqa: BLE001 (a header Pillow cannot read is left to OpenCV to judge)
+        return
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """The image as stored, turned upright by its EXIF orientation: (H, W, 3) RGB uint8, decoded as mmcv does."""
+    """The image as stored, turned upright by its EXIF orientation: (H, W, 3) RGB uint8, decoded as mmcv does;
+    a header claiming a huge size is refused before decoding."""
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as exc:
         raise OilleakError(f"cannot read image {path}: {exc.strerror or exc}; check the path and its permissions") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if data.size:
+        _refuse_huge_header(data, path)
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error:  # OpenCV's own size limit, or a decoder assertion: the file is unusable either way
+        image = None
     if image is None:  # OpenCV gives None for truncated, damaged or unknown files
         raise OilleakError(
             f"cannot read image {path}: OpenCV cannot decode it (truncated, damaged or not an image); "
