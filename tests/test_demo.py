@@ -38,12 +38,15 @@ def test_demo_runs_convert_check_train_test_predict(tmp_path):
     # test: metrics and pictures
     (report_dir,) = (out / "test").glob("test-*")
     metrics = json.loads((report_dir / "metrics.json").read_text())["metrics"]
-    assert metrics["segm_mAP"] > 0 and metrics["bbox_mAP"] > 0  # the shipped weights find the sample's pitting
+    # The demo's figures: mask AP 0.20 and 6 instances on a 2-core AMD EPYC (2026-11-30); mask AP 0.1983, box AP
+    # 0.2119 and 6 instances on a 2-core Xeon Sapphire Rapids (2026-12-08). Float32 training rounds differently
+    # on other CPUs and AP over 4 ground-truth instances moves in steps: the bound is 0.20 +- 0.05 (0.21 for box).
+    assert metrics["segm_mAP"] == pytest.approx(0.20, abs=0.05) and metrics["bbox_mAP"] == pytest.approx(0.21, abs=0.05)
     assert len(list((out / "test" / "show").glob("*.jpg"))) == 2
     # predict: overlays, instance files and labelme files for the 2 val images
     with open(out / "predictions" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and sum(int(r["instances"]) for r in rows) > 0
+    assert len(rows) == 2 and 4 <= sum(int(r["instances"]) for r in rows) <= 8  # the README: 6 instances found
     assert len(list((out / "predictions" / "overlays").iterdir())) == 2
     assert len(list((out / "predictions" / "labelme").glob("*.json"))) == 2
     assert "not an oil-leak detector" in " ".join(result.output.split())  # the demo says what the model is

@@ -19,6 +19,7 @@ from oilleak.parity import (
     END_TO_END,
     END_TO_END_LOSSES,
     STAGES,
+    TOLERANCES,
     Check,
     ParityReport,
     compare_detections,
@@ -91,6 +92,44 @@ def test_cli_does_not_blame_rounding_for_a_corrupted_loss(fixtures_dir, tmp_path
     assert "1 of" in output and "checks fail: end to end: losses: s1.loss_cls" in output
     assert "rounding cannot explain the failing losses" in output
     assert "amplified" not in output
+
+
+def test_float64_fixtures_are_judged_at_float64_tolerances(fixtures_dir, tmp_path):
+    """A loss 1e-5 off and a head output 3e-5 off pass float32's 1e-4, not a float64 fixture's tolerances."""
+    fixture = torch.load(fixtures_dir / "htc_small_f64.pt", weights_only=True)
+    fixture["losses"]["s1.loss_cls"] *= 1 + 1e-5
+    pred = fixture["outputs"]["semantic_pred"]
+    pred[(0,) * pred.dim()] += 3e-5 * float(pred.abs().max())  # compared only, never an input of another stage
+    path = tmp_path / "slightly_off_f64.pt"
+    torch.save(fixture, path)
+    report = run_parity(path, threads=2)
+    assert {(c.section, c.name) for c in report.failures()} == {(STAGES, "semantic pred"), (END_TO_END_LOSSES, "s1.loss_cls")}
+    failed = {c.name: c.relative for c in report.failures()}
+    assert failed["s1.loss_cls"] == pytest.approx(1e-5, rel=0.05) and failed["semantic pred"] == pytest.approx(3e-5, rel=0.05)
+    assert all(value < TOLERANCES[torch.float32].feature for value in failed.values())
+
+
+def test_float64_matching_is_tighter_hand_computed():
+    f32, f64 = TOLERANCES[torch.float32], TOLERANCES[torch.float64]
+    ref = {"bboxes": torch.tensor([[0.0, 0.0, 100.0, 100.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    for boxes, score in ((torch.tensor([[0.0, 0.0, 100.0, 100.08]]), 0.9),  # IoU 100/100.08 = 0.9992
+                         (torch.tensor([[0.0, 0.0, 100.0, 100.0]]), 0.90005)):  # a score 5e-5 off
+        assert compare_detections("s", "d", boxes, torch.tensor([score]), torch.tensor([1]), ref, f32)[0].passed
+        assert not compare_detections("s", "d", boxes, torch.tensor([score]), torch.tensor([1]), ref, f64)[0].passed
+    exact = {"bboxes": ref["bboxes"].double(), "scores": torch.tensor([0.9], dtype=torch.float64), "labels": ref["labels"]}
+    # every corner 1e-4 px off: IoU 99.9999^2 / (2 * 100^2 - 99.9999^2) = 1 - 4.0e-6
+    check, _ = compare_detections("s", "d", exact["bboxes"] + 1e-4, torch.tensor([0.9000001], dtype=torch.float64),
+                                  torch.tensor([1]), exact, f64)
+    assert check.passed and check.detail.endswith("worst score diff 1.00e-07, worst box IoU 1 - 4.00e-06")
+
+    square = np.zeros((20, 30), dtype=np.uint8)
+    square[0:10, 0:10] = 1
+    rle = mask_utils.encode(np.asfortranarray(square))
+    ref_rles = [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}]
+    one_pixel_off = torch.from_numpy(square.astype(bool))[None].clone()
+    one_pixel_off[0, 9, 9] = False  # IoU 0.99
+    assert compare_masks("s", one_pixel_off, ref_rles, [(0, 0)], f32).passed
+    assert not compare_masks("s", one_pixel_off, ref_rles, [(0, 0)], f64).passed
 
 
 def _report(dtype: str, failing: set[str]) -> ParityReport:
