@@ -30,9 +30,11 @@ import torch
 
 from oilleak.config import config_from_dict
 from oilleak.data.transforms import load_image
-from oilleak.predict.predictor import Predictor, find_images, predict_images
-from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
+from oilleak.models.checkpoint import save_checkpoint
 from oilleak.models.presets import build_model
+from oilleak.predict.backends import load_backend
+from oilleak.predict.detector import Detector
+from oilleak.predict.predictor import find_images, predict_images
 
 REPO = Path(__file__).resolve().parents[1]
 BSDATA = Path(os.environ.get("OILLEAK_SHARED", REPO.parent / "shared")) / "data" / "bsdata" / "train"
@@ -45,43 +47,44 @@ def rss_gb() -> float:
 
 
 class Timed:
-    """The predictor, with the seconds spent inside it and the RSS after each call."""
+    """The model's backend, with the seconds spent inside it and the RSS after each call."""
 
-    def __init__(self, predict):
-        self.predict, self.seconds, self.rss = predict, 0.0, []
+    def __init__(self, backend):
+        self.backend, self.seconds, self.rss = backend, 0.0, []
+        self.classes, self.scale, self.score_thr = backend.classes, backend.scale, backend.score_thr
+        self.device, self.batched, self.info = backend.device, backend.batched, backend.info
 
-    def __call__(self, image):
+    def __call__(self, images, min_score):
         start = time.perf_counter()
-        out = self.predict(image)
+        out = self.backend(images, min_score)
         self.seconds += time.perf_counter() - start
         self.rss.append(rss_gb())
         return out
 
 
-def load(entry: str, work: Path):
-    """A preset built untrained and saved, or a checkpoint's path; loaded as `oilleak predict` loads it."""
+def checkpoint(entry: str, work: Path) -> Path:
+    """A preset built untrained and saved, or a checkpoint's path."""
     if entry.endswith(".pth"):
-        return model_from_checkpoint(entry)
+        return Path(entry)
     config = config_from_dict({"data": {"data_root": "unused", "classes": ["Pitting"]}, "model": {"preset": entry}})
     torch.manual_seed(0)
     save_checkpoint(work / f"{entry}.pth", model=build_model(config.model, 1), config=config)
-    return model_from_checkpoint(work / f"{entry}.pth")
+    return work / f"{entry}.pth"
 
 
 def bench(entry: str, images: list[Path], warmup: Path, work: Path, device: torch.device) -> dict:
-    model, config = load(entry, work)
-    timed = Timed(Predictor(model.to(device), config, device, config.predict.score_thr))
-    timed(load_image(warmup))
+    timed = Timed(load_backend(checkpoint(entry, work), device))  # loaded as `oilleak predict` loads it
+    detector = Detector.from_backend(timed)
+    detector(load_image(warmup))
     timed.seconds, timed.rss = 0.0, []
     sources, _ = find_images([str(p) for p in images])
     start = time.perf_counter()
-    report = predict_images(timed, sources, work / Path(entry).stem, list(config.data.classes),
-                            score_thr=config.predict.score_thr, progress=False)
+    report = predict_images(detector, sources, work / Path(entry).stem, progress=False)
     total = time.perf_counter() - start
     half = timed.rss[len(timed.rss) // 2:]
     return {
         "model": entry,
-        "preset": config.model.preset,
+        "preset": timed.info()["preset"],
         "images": report.processed,
         "sizes": sorted({f"{load_image(p).shape[1]}x{load_image(p).shape[0]}" for p in images}),
         "instances_per_image": report.instances / report.processed,

@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oilleak.data.transforms import load_image  # noqa: E402
 from oilleak.predict.predictor import IMAGE_EXTENSIONS  # noqa: E402
-from oilleak.export.agreement import FP16_SCORE_DIFF, MAX_SCORE_DIFF, MIN_BOX_IOU, Agreement, StageErrors, compare, stage_errors, torch_detections  # noqa: E402
+from oilleak.export.agreement import FP16_SCORE_DIFF, MAX_SCORE_DIFF, MIN_BOX_IOU, Agreement, StageErrors, compare, stage_errors  # noqa: E402
 from oilleak.export.onnx_export import export_checkpoint  # noqa: E402
 from oilleak.export.onnx_runtime import OnnxModel  # noqa: E402
 from oilleak.models.checkpoint import model_from_checkpoint  # noqa: E402
+from oilleak.predict.detector import Detector  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--min-score", type=float, default=0.0, help="compare only detections scoring at least this")
     parser.add_argument("--no-steps", action="store_true", help="end to end only (a plain export, faster)")
     parser.add_argument("--fp16", action="store_true", help="a float16 export, compared at float16 bounds")
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch and ONNX Runtime threads")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads (ONNX Runtime keeps its default: one per core)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # (box IoU, score difference) of a match; the first one's masks are compared
@@ -57,21 +58,16 @@ def main() -> None:
         onnx_path = Path(tempfile.mkdtemp()) / "stages.onnx"
         report = export_checkpoint(args.ckpt, onnx_path, stages=not args.no_steps, fp16=args.fp16)
         print(f"exported {onnx_path} in {report.seconds:.0f} s, {report.size_bytes / 1e6:.1f} MB")
-    model, config = model_from_checkpoint(args.ckpt)
-    onnx_model = OnnxModel(onnx_path, threads=args.threads)
+    # both through the Python API, as `oilleak predict` runs them
+    checkpoint, exported = Detector(args.ckpt, "cpu", args.min_score), Detector(onnx_path, "cpu", args.min_score)
+    model, onnx_model = (model_from_checkpoint(args.ckpt)[0], OnnxModel(onnx_path, threads=args.threads)) if not args.no_steps else (None, None)
     totals, errors, seconds = [Agreement() for _ in bounds], StageErrors(), []
     for path in images:
         image = load_image(path)
-        ref = torch_detections(model, image, tuple(config.data.scale))
+        (ref,) = checkpoint(image)
         start = time.perf_counter()
-        got = onnx_model.detect(image)
+        (got,) = exported(image)
         seconds.append(time.perf_counter() - start)
-        keep = ref.scores >= args.min_score
-        ref = type(ref)(ref.boxes[keep], ref.scores[keep], ref.labels[keep], ref.masks[keep])
-        got_keep = got.scores >= args.min_score
-        got.boxes, got.scores, got.labels = got.boxes[got_keep], got.scores[got_keep], got.labels[got_keep]
-        got.windows = [w for w, k in zip(got.windows, got_keep) if k]
-        got.origins = [o for o, k in zip(got.origins, got_keep) if k]
         results = [compare(ref, got, iou, score) for iou, score in bounds]
         for total, result in zip(totals, results):
             total.add(result)
@@ -87,7 +83,7 @@ def main() -> None:
         print(f"  box IoU >= {iou}: {result.matched} (fraction {result.matched_fraction:.4f})")
     print(f"matched masks (IoU >= {bounds[0][0]}): IoU >= 0.98 {total.masks_at_least(0.98):.4f}, mean IoU "
           f"{statistics.fmean(total.mask_ious or [1]):.4f}, min {min(total.mask_ious, default=1):.4f}")
-    print(f"ONNX Runtime, {args.threads} threads: median {statistics.median(seconds):.3f} s/image")
+    print(f"ONNX Runtime through the Detector (its default thread count): median {statistics.median(seconds):.3f} s/image")
     if errors.errors:
         print("step                  max |diff|    max |value|   relative")
     for name in errors.errors:

@@ -55,3 +55,26 @@ def _require_torch_floor() -> None:
 
 
 _require_torch_floor()
+
+# The Python API (docs/api.md). Imported on first use, so that `import oilleak` and the CLI's start stay quick.
+__all__ = ["Detector", "Leak", "OilleakError", "Result", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Detector":
+        from oilleak.predict.detector import Detector
+
+        return Detector
+    if name in ("Result", "Leak"):
+        from oilleak.predict import result
+
+        return getattr(result, name)
+    if name == "OilleakError":
+        from oilleak.errors import OilleakError
+
+        return OilleakError
+    raise AttributeError(f"module 'oilleak' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

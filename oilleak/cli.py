@@ -306,15 +306,20 @@ def test_(
 @friendly_errors
 def predict(
     ckpt: Annotated[Path, typer.Argument(help="oilleak checkpoint (it carries the classes and the model), or a .onnx file from `oilleak export` (run by ONNX Runtime on the CPU)")],
-    inputs: Annotated[list[str], typer.Argument(help="image files, folders (searched recursively) or quoted globs")],
+    inputs: Annotated[list[str], typer.Argument(help="image files, videos (.mp4, .mov, .avi, .mkv, ...), folders (searched recursively) or quoted globs")],
     out_dir: Annotated[Path, typer.Option(help="output folder; a non-empty one is kept and OUT_DIR-2, -3, ... used")] = Path("predictions"),
     score_thr: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="keep instances scoring at least this (default: the checkpoint's predict.score_thr, 0.3)")] = None,
     save_labelme: Annotated[bool, typer.Option("--save-labelme", help="also write OUT_DIR/labelme/: labelme files + image copies, ready for `oilleak convert`")] = False,
     tile: Annotated[Optional[int], typer.Option(min=64, help="predict very large images in SIZE x SIZE tiles (20% overlap) and merge")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
+    every: Annotated[Optional[int], typer.Option(min=1, help="videos: predict every N-th frame (default: every frame)")] = None,
+    fps: Annotated[Optional[float], typer.Option(min=0.001, help="videos: predict about F frames a second instead")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Predict images: overlays, instance JSON files, summary.csv, optional labelme files.
+    """Predict images and videos: overlays, instance JSON files, summary.csv, optional labelme files.
+
+    A video gives NAME.overlay.mp4, NAME.frames.jsonl (one line per predicted frame) and NAME.summary.json
+    (frames with leaks, the largest leak share per class and when).
 
     Unreadable images are listed and skipped; exit code 0 when at least one image was predicted.
     --set changes the checkpoint's stored config for this run, e.g. --set data.scale=[2000,1200].
@@ -323,15 +328,21 @@ def predict(
     from oilleak.distributed import launched_as_main
 
     report = run_predict(ckpt, inputs, out_dir=out_dir, score_thr=score_thr, tile=tile, save_labelme=save_labelme,
-                         device=device, overrides=set_,
+                         device=device, overrides=set_, every=every, fps=fps,
                          say=lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True))
     if not launched_as_main():  # a torchrun rank other than 0: rank 0 reports the whole run
         return
     from oilleak.predict.files import nothing_found
 
-    found = f"{report.instances} instances" if report.instances else nothing_found(report.score_thr, report.top_score)
-    console.print(f"{report.processed} images predicted, {found}; outputs in {report.out_dir}",
-                  markup=False, highlight=False)
+    for video in report.videos:
+        console.print(f"{video['source']}: {video['frames_predicted']} frames predicted, {video['frames_with_leaks']} "
+                      "with leaks (NAME.overlay.mp4, NAME.frames.jsonl, NAME.summary.json)", markup=False, highlight=False)
+    images = report.processed - len(report.videos)
+    if images or not report.videos:
+        found = f"{report.instances} instances" if report.instances else nothing_found(report.score_thr, report.top_score)
+        console.print(f"{images} images predicted, {found}; outputs in {report.out_dir}", markup=False, highlight=False)
+    else:
+        console.print(f"outputs in {report.out_dir}", markup=False, highlight=False)
     if report.failures:
         err_console.print(f"[yellow]{len(report.failures)} inputs skipped:[/]", highlight=False)
         for text, reason in report.failures:

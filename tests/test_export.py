@@ -27,9 +27,10 @@ from oilleak.data.transforms import load_image, normalize, pad_batch, prepare_im
 from oilleak.train.from_scratch import calibrate_frozen_batchnorm
 from oilleak.export import postprocess
 from oilleak.demo import demo_checkpoint
-from oilleak.export.agreement import FP16_SCORE_DIFF, MAX_SCORE_DIFF, MIN_BOX_IOU, Agreement, StageErrors, compare, stage_errors, torch_detections
+from oilleak.export.agreement import FP16_SCORE_DIFF, MAX_SCORE_DIFF, MIN_BOX_IOU, Agreement, StageErrors, compare, stage_errors
 from oilleak.export.onnx_export import export_checkpoint, file_sha256
-from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor
+from oilleak.export.onnx_runtime import OnnxModel
+from oilleak.predict.detector import Detector
 from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
 from oilleak.models.mask_head import paste_masks
 from oilleak.models.presets import build_model
@@ -74,14 +75,13 @@ def test_every_step_agrees_with_pytorch_on_real_images(exported, sample_dir):
 
 
 def agreement_on_two_photos(ckpt, onnx_path, sample_dir, max_score_diff: float = MAX_SCORE_DIFF) -> Agreement:
-    """PyTorch's detections against the file's on two sample photos, at the checkpoint's scale."""
-    model, config = model_from_checkpoint(ckpt)
-    onnx_model = OnnxModel(onnx_path)
+    """The checkpoint's leaks against the file's on two sample photos, both through the Python API (the path
+    `oilleak predict` and `oilleak serve` take), every score kept."""
+    photos = sorted(sample_dir.glob("*.jpg"))[6:8]
     total = Agreement()
-    for path in sorted(sample_dir.glob("*.jpg"))[6:8]:
-        image = load_image(path)
-        ref = torch_detections(model, image, tuple(config.data.scale))
-        total.add(compare(ref, onnx_model.detect(image), MIN_BOX_IOU, max_score_diff))
+    for ref, got in zip(Detector(ckpt, "cpu", 0.0)(photos), Detector(onnx_path, "cpu", 0.0)(photos)):
+        assert ref.source == got.source
+        total.add(compare(ref, got, MIN_BOX_IOU, max_score_diff))
     return total
 
 
@@ -168,11 +168,9 @@ def test_predict_runs_the_onnx_file(exported, sample_dir, tmp_path):
     out = tmp_path / "pred"
     result = runner.invoke(app, ["predict", str(onnx_path), *map(str, images), "--out-dir", str(out), "--score-thr", "0.05"])
     assert result.exit_code == 0, result.output
-    predictor = OnnxPredictor(OnnxModel(onnx_path), 0.05)
-    for path in images:
+    for path, expected in zip(images, Detector(onnx_path, score_thr=0.05)(images)):
         record = json.loads((out / "instances" / f"{path.stem}.json").read_text())
-        expected = predictor(load_image(path))
-        assert len(record["instances"]) == len(expected) > 0
+        assert record == expected.to_dict() and len(expected) > 0
         assert (out / "overlays" / f"{path.stem}.jpg").is_file()
     assert (out / "summary.csv").is_file()
 
@@ -192,10 +190,10 @@ def test_serve_runs_the_onnx_file(exported, sample_dir, tmp_path):
         server.stop()
     assert answer.status_code == 200, answer.text
     assert health["model"]["classes"] == ["Pitting"] and health["model"]["checkpoint"] == onnx_path.name
-    expected = OnnxPredictor(OnnxModel(onnx_path), 0.05)(load_image(image))
+    (expected,) = Detector(onnx_path, score_thr=0.05)(image)
     got = answer.json()["instances"]
     assert len(got) == len(expected) > 0
-    assert [round(i["score"], 5) for i in got] == [round(i.score, 5) for i in expected]
+    assert got == expected.to_dict()["instances"]
 
 
 def test_numpy_paste_equals_the_models_paste():

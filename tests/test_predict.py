@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from oilleak.predict.backends import Found
+from oilleak.predict.detector import Detector
 from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
 from oilleak.predict.predictor import Source, find_images, fresh_dir, output_folders, predict_images
 from oilleak.predict.tiling import merge_tiles, predict_tiled, same_object, tile_windows
@@ -31,6 +33,26 @@ def find_blobs(image: np.ndarray) -> list[Instance]:
             x, y, w, h, area = (int(v) for v in stats[k])
             out.append(Instance(label, min(0.99, 0.5 + area / 1e5), (x, y, x + w, y + h), comp[y : y + h, x : x + w] == k, (x, y)))
     return sorted(out, key=lambda i: -i.score)
+
+
+class BlobBackend:
+    """find_blobs behind the Backend interface, so the real Detector, files and summary run on top of it."""
+
+    classes, scale, score_thr, device, batched = CLASSES, (0, 0), 0.3, torch.device("cpu"), False
+
+    def info(self) -> dict:
+        return {"checkpoint": "blobs"}
+
+    def __call__(self, images, min_score):
+        answers = []
+        for image in images:
+            found = find_blobs(image)
+            answers.append(Found([i for i in found if i.score >= min_score], found[0].score if found else None))
+        return answers
+
+
+def blobs(score_thr: float = 0.3) -> Detector:
+    return Detector.from_backend(BlobBackend(), score_thr)
 
 
 def canvas(height, width):
@@ -86,7 +108,7 @@ def test_holes_are_filled_so_outline_area_and_mask_agree(tmp_path):
     hole = draw_ellipse(image, (40, 40), (8, 6), (200, 200, 200))
     src = _png(tmp_path / "ring.png", image)
     out = tmp_path / "out"
-    predict_images(find_blobs, [Source(src, "ring")], out, CLASSES, score_thr=0.3, progress=False)
+    predict_images(blobs(), [Source(src, "ring")], out, progress=False)
     (inst,) = json.loads((out / "instances" / "ring.json").read_text())["instances"]
     assert inst["area_px"] == int(ring.sum()) == int((ring & ~hole).sum() + hole.sum())
     assert iou(rasterise(inst["polygons"], 80, 80), ring) == 1.0
@@ -154,7 +176,7 @@ def test_predict_images_writes_overlays_json_summary_and_skips_unreadable(tmp_pa
     broken.write_bytes(b"\xff\xd8 this is not a jpeg")
     sources, _ = find_images([str(tmp_path / "in")])
     out = tmp_path / "out"
-    report = predict_images(find_blobs, sources, out, CLASSES, score_thr=0.3, progress=False)
+    report = predict_images(blobs(), sources, out, progress=False)
 
     assert report.processed == 2 and report.instances == 2
     assert [f[0] for f in report.failures] == [str(broken)] and "cannot read image" in report.failures[0][1]
@@ -188,7 +210,7 @@ def test_labelme_files_point_to_a_copy_of_the_image(tmp_path):
     draw_ellipse(image, (30, 30), (12, 9), (0, 0, 0))
     src = _png(tmp_path / "photo.png", image)
     out = tmp_path / "out"
-    predict_images(find_blobs, [Source(src, "photo")], out, CLASSES, score_thr=0.3, save_labelme=True, progress=False)
+    predict_images(blobs(), [Source(src, "photo")], out, save_labelme=True, progress=False)
     data = json.loads((out / "labelme" / "photo.json").read_text())
     assert data["imagePath"] == "photo.png" and data["imageData"] is None
     assert (out / "labelme" / "photo.png").read_bytes() == src.read_bytes()
@@ -268,7 +290,7 @@ def test_device_option_errors_name_the_fix():
 def test_progress_goes_to_a_log_file_as_lines(tmp_path, capsys):
     """Output captured (not a terminal, as under nohup or CI): progress lines appear as images are done."""
     sources = [Source(_png(tmp_path / f"{k}.png", canvas(40, 40)), str(k)) for k in range(3)]
-    predict_images(find_blobs, sources, tmp_path / "out", CLASSES, score_thr=0.3, progress=True)
+    predict_images(blobs(), sources, tmp_path / "out", progress=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predicting")]
     assert lines[0].startswith("predicting 1/3 (33%)") and lines[-1].startswith("predicting 3/3 (100%)")
 
@@ -276,7 +298,7 @@ def test_progress_goes_to_a_log_file_as_lines(tmp_path, capsys):
 def test_an_overlay_without_instances_says_so(tmp_path):
     image = canvas(120, 160)  # nothing dark or red: the stand-in finds nothing
     src = _png(tmp_path / "clean.png", image)
-    report = predict_images(find_blobs, [Source(src, "clean")], tmp_path / "out", CLASSES, score_thr=0.3, progress=False)
+    report = predict_images(blobs(), [Source(src, "clean")], tmp_path / "out", progress=False)
     assert (report.instances, report.top_score) == (0, None)  # the stand-in gives no scores below its threshold
     overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / "clean.jpg")).astype(int)
     assert overlay[:3].mean() < 60  # a dark banner across the top, white letters on it

@@ -24,9 +24,11 @@ from oilleak.data.labelme import convert_labelme
 from oilleak.data.transforms import load_image, pad_batch, prepare_image
 from oilleak.train.from_scratch import calibrate_frozen_batchnorm
 from oilleak.predict.instances import fill_holes
-from oilleak.predict.predictor import Predictor, find_images, predict_images, run_predict
+from oilleak.predict.backends import load_backend
+from oilleak.predict.detector import Detector
+from oilleak.predict.predictor import find_images, predict_images, run_predict
 from oilleak.predict.tiling import tile_windows
-from oilleak.models.checkpoint import model_from_checkpoint, save_checkpoint
+from oilleak.models.checkpoint import save_checkpoint
 from oilleak.models.presets import build_model
 
 SCALE = (512, 320)  # small inputs keep the CPU tests quick; the architecture is the real one
@@ -64,24 +66,30 @@ def inputs(tmp_path_factory, sample_dir, bsdata_dir):
 
 
 class Recording:
-    """The real predictor, keeping what it returned per call (to compare with the files written)."""
+    """The real model's backend, keeping what it returned per image (to compare with the files written)."""
 
-    def __init__(self, predictor):
-        self.predictor, self.calls = predictor, []
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+        self.classes, self.scale, self.score_thr = backend.classes, backend.scale, backend.score_thr
+        self.device, self.batched, self.info = backend.device, backend.batched, backend.info
 
-    def __call__(self, image):
-        instances = self.predictor(image)
-        self.calls.append((image.shape, instances))
-        return instances
+    def __call__(self, images, min_score):
+        answers = self.backend(images, min_score)
+        self.calls += [(image.shape, found.instances) for image, found in zip(images, answers)]
+        return answers
+
+
+def recording_detector(ckpt, score_thr, tile=None) -> tuple[Detector, Recording]:
+    recording = Recording(load_backend(ckpt, torch.device("cpu")))
+    return Detector.from_backend(recording, score_thr, tile=tile), recording
 
 
 @pytest.fixture(scope="module")
 def predicted(ckpt, inputs, tmp_path_factory):
-    model, config = model_from_checkpoint(ckpt)
-    recording = Recording(Predictor(model, config, torch.device("cpu"), score_thr=0.0))
+    detector, recording = recording_detector(ckpt, 0.0)
     sources, problems = find_images([str(inputs)])
     out = tmp_path_factory.mktemp("pred") / "out"
-    report = predict_images(recording, sources, out, ["Pitting"], score_thr=0.0, save_labelme=True, progress=False)
+    report = predict_images(detector, sources, out, save_labelme=True, progress=False)
     return report, recording, sources
 
 
@@ -126,10 +134,9 @@ def test_labelme_round_trip_through_convert(predicted, tmp_path):
 def test_tiled_run_with_the_real_model(ckpt, bsdata_dir, tmp_path):
     image_path = sorted(bsdata_dir.glob("*.jpg"))[40]
     height, width = load_image(image_path).shape[:2]
-    model, config = model_from_checkpoint(ckpt)
-    recording = Recording(Predictor(model, config, torch.device("cpu"), score_thr=0.3))
+    detector, recording = recording_detector(ckpt, 0.3, tile=512)
     sources, _ = find_images([str(image_path)])
-    report = predict_images(recording, sources, tmp_path / "out", ["Pitting"], score_thr=0.3, tile=512, progress=False)
+    report = predict_images(detector, sources, tmp_path / "out", progress=False)
     windows = tile_windows(height, width, 512)
     assert len(windows) > 1 and [c[0][:2] for c in recording.calls] == [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in windows]
     record = json.loads((tmp_path / "out" / "instances" / f"{sources[0].name}.json").read_text())

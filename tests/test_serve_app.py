@@ -6,25 +6,30 @@ from __future__ import annotations
 
 import io
 import logging
-from types import SimpleNamespace
-
 import numpy as np
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from oilleak.predict.detector import Detector
 from oilleak.serve.app import create_app
 from oilleak.serve.settings import ServeSettings
 
 
-class BrokenModel:
-    classes = ["oil"]
-    info = {"checkpoint": "x.pth", "classes": ["oil"]}
-    device = "cpu"
-    config = SimpleNamespace(predict=SimpleNamespace(score_thr=0.3))
-    score_thr = 0.3
+class BrokenBackend:
+    """A Detector backend whose every pass fails."""
+
+    classes, scale, score_thr, device, batched = ["oil"], (0, 0), 0.3, torch.device("cpu"), True
+
+    def info(self) -> dict:
+        return {"checkpoint": "x.pth", "classes": ["oil"]}
 
     def __call__(self, images, min_score=0.0):
         raise RuntimeError("something deep inside the model broke")
+
+
+def BrokenModel() -> Detector:  # noqa: N802 (reads as the stand-in it builds)
+    return Detector.from_backend(BrokenBackend())
 
 
 def test_a_failing_request_is_json_500_and_the_server_goes_on(caplog):

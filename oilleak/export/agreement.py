@@ -1,9 +1,10 @@
 """How closely an exported file run by ONNX Runtime agrees with oilleak's PyTorch model, end to end and
 step by step (used by ``tests/test_export.py`` and ``bench/export_agreement.py``).
 
-End to end: every PyTorch detection looks for an unused ONNX detection of the same label with box IoU of at
-least ``MIN_BOX_IOU`` and a score within ``MAX_SCORE_DIFF`` (float32 files; a float16 file is held to wider
-bounds, ``FP16_SCORE_DIFF``); matched pairs compare their pasted masks.
+End to end, through the Python API both run on (:class:`oilleak.predict.detector.Detector`, whose results
+`oilleak predict` and `oilleak serve` write): every leak the checkpoint finds looks for an unused leak of the
+.onnx file's with the same label, box IoU of at least ``MIN_BOX_IOU`` and a score within ``MAX_SCORE_DIFF``
+(float32 files; a float16 file is held to wider bounds, ``FP16_SCORE_DIFF``); matched pairs compare their masks.
 Step by step (an export made with ``stages=True``): each step of the PyTorch model is run on what the
 ONNX graph fed the same step, so an error is seen where it arises instead of after the cascade has
 amplified it (a randomly initialised DetectoRS turns rounding into different proposals).
@@ -17,11 +18,11 @@ import numpy as np
 import torch
 
 from oilleak.data.transforms import pad_batch, prepare_image
-from oilleak.export.onnx_runtime import OnnxDetections, OnnxModel
+from oilleak.export.onnx_runtime import OnnxModel
 from oilleak.export.postprocess import resize_for_graph
 from oilleak.models.box_ops import box_iou
 from oilleak.models.htc import boxes_to_rois
-from oilleak.structures import Detections
+from oilleak.predict.result import Result
 
 MIN_BOX_IOU = 0.99
 MAX_SCORE_DIFF = 1e-3
@@ -50,36 +51,31 @@ class Agreement:
         self.mask_ious += other.mask_ious
 
 
-def torch_detections(model: torch.nn.Module, image: np.ndarray, scale: tuple[int, int]) -> Detections:
-    """oilleak's PyTorch prediction of one photo (the ``Predictor`` path, before the score threshold)."""
-    tensor, meta = prepare_image(image, scale)
-    batch, _ = pad_batch([tensor])
-    with torch.inference_mode():
-        return model(batch, [meta])[0]
-
-
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def compare(ref: Detections, got: OnnxDetections, min_box_iou: float = MIN_BOX_IOU, max_score_diff: float = MAX_SCORE_DIFF) -> Agreement:
+def compare(ref: Result, got: Result, min_box_iou: float = MIN_BOX_IOU, max_score_diff: float = MAX_SCORE_DIFF) -> Agreement:
+    """The leaks of ``got`` (the .onnx file's) matched to those of ``ref`` (the checkpoint's) on one image."""
     result = Agreement(torch_detections=len(ref), onnx_detections=len(got))
     if len(ref) == 0 or len(got) == 0:
         return result
-    ious = box_iou(ref.boxes.float(), torch.from_numpy(got.boxes).float()).numpy()
-    same_label = ref.labels.numpy()[:, None] == got.labels[None, :]
-    close_score = np.abs(ref.scores.numpy()[:, None] - got.scores[None, :]) <= max_score_diff
-    candidates = np.where(same_label & close_score & (ious >= min_box_iou), ious, -1.0)
+    ref_boxes = torch.tensor([leak.box for leak in ref], dtype=torch.float32)
+    got_boxes = torch.tensor([leak.box for leak in got], dtype=torch.float32)
+    ious = box_iou(ref_boxes, got_boxes).numpy()
+    same_label = np.array([leak.label for leak in ref])[:, None] == np.array([leak.label for leak in got])[None, :]
+    scores = np.array([leak.score for leak in ref])[:, None] - np.array([leak.score for leak in got])[None, :]
+    candidates = np.where(same_label & (np.abs(scores) <= max_score_diff) & (ious >= min_box_iou), ious, -1.0)
     used = np.zeros(len(got), bool)
-    for i in range(len(ref)):  # by decreasing PyTorch score
+    for i, leak in enumerate(ref):  # by decreasing PyTorch score
         row = np.where(used, -1.0, candidates[i])
         j = int(row.argmax())
         if row[j] < 0:
             continue
         used[j] = True
         result.matched += 1
-        result.mask_ious.append(_mask_iou(ref.masks[i].numpy(), got.mask(j)))
+        result.mask_ious.append(_mask_iou(leak.mask(), got.leaks[j].mask()))
     return result
 
 

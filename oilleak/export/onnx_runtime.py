@@ -1,5 +1,6 @@
-"""Run an exported ``.onnx`` file with ONNX Runtime: what :class:`oilleak.predict.predictor.Predictor` does for a
-checkpoint, without PyTorch in the loop (resize, graph, numpy paste; see ``postprocess``)."""
+"""Run an exported ``.onnx`` file with ONNX Runtime: what the PyTorch model does for a checkpoint, without
+PyTorch in the loop (resize, graph, numpy paste; see ``postprocess``). The Python API runs it through
+:class:`oilleak.predict.backends.OnnxBackend`."""
 
 from __future__ import annotations
 
@@ -82,26 +83,3 @@ class OnnxModel:
             windows.append(window)
             origins.append(origin)
         return OnnxDetections(boxes, scores, labels.astype(np.int64), windows, origins, image_hw)
-
-
-class OnnxPredictor:
-    """The ``Predictor`` of an ``.onnx`` file: a photo -> its instances at or above ``score_thr``."""
-
-    def __init__(self, model: OnnxModel, score_thr: float) -> None:
-        self.model = model
-        self.score_thr = score_thr
-
-    def __call__(self, image: np.ndarray) -> list:
-        from oilleak.predict.instances import Instance, crop_mask
-
-        dets = self.model.detect(image)
-        out = []
-        for i in np.flatnonzero(dets.scores >= self.score_thr):
-            cropped = crop_mask(dets.windows[i])
-            if cropped is None:  # an empty mask has no outline to show
-                continue
-            window, (x, y) = cropped
-            origin = (dets.origins[i][0] + x, dets.origins[i][1] + y)
-            box = tuple(float(v) for v in dets.boxes[i])
-            out.append(Instance(int(dets.labels[i]), float(dets.scores[i]), box, window, origin))
-        return out

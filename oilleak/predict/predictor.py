@@ -1,4 +1,4 @@
-"""Batch prediction over image files, folders and globs (`oilleak predict`).
+"""Batch prediction over image files, videos, folders and globs (`oilleak predict`).
 
 Nothing the user has is overwritten: everything goes into a fresh output folder (``predictions/``, or
 ``predictions-2/``, ``-3``, ... when it already holds files), and two inputs that would get the same output
@@ -15,18 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
-from oilleak.config import Config
 from oilleak import distributed
-from oilleak.models.inference_path import prepare_for_inference
-from oilleak.predict import files
-from oilleak.predict.instances import Instance, fill_holes, instances_from_detections, mask_polygons
-from oilleak.predict.tiling import predict_tiled
-from oilleak.progress import progress_bar
 from oilleak.errors import OilleakError
+from oilleak.predict import files
+from oilleak.predict.detector import Detector
+from oilleak.predict.result import Result
+from oilleak.progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -45,6 +39,7 @@ class PredictReport:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
     score_thr: float = 0.0
     top_score: float | None = None  # the highest score of any detection (kept or not); None: unknown
+    videos: list[dict] = field(default_factory=list)  # each video's summary.json
 
 
 def _is_glob(text: str) -> bool:
@@ -118,95 +113,50 @@ def fresh_dir(path: Path) -> Path:
     return candidate
 
 
-class Predictor:
-    """An image (RGB uint8, any size) -> its instances at or above ``score_thr``, in its pixels."""
-
-    def __init__(self, model: nn.Module, config: Config, device: torch.device, score_thr: float):
-        self.model = prepare_for_inference(model, device)
-        self.scale = tuple(config.data.scale)
-        self.device = device
-        self.score_thr = score_thr
-        self.top_score: float | None = None  # highest score of any detection since it was last set to None
-
-    @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> list[Instance]:
-        from oilleak.data.transforms import pad_batch, prepare_image
-
-        tensor, meta = prepare_image(image, self.scale)
-        batch, _ = pad_batch([tensor])
-        # no full-size mask arrays; no masks computed for detections below the threshold
-        dets = self.model.predict(batch.to(self.device), [meta], mask_crops=True, min_score=self.score_thr)[0]
-        if len(dets.scores):
-            top = float(dets.scores.max())
-            self.top_score = top if self.top_score is None else max(self.top_score, top)
-        return instances_from_detections(dets, self.score_thr)
-
-
 def predict_images(
-    predict: Callable[[np.ndarray], list[Instance]],
+    detector: Detector,
     sources: list[Source],
     out_dir: Path,
-    class_names: list[str],
     *,
-    score_thr: float,
-    tile: int | None = None,
     save_labelme: bool = False,
     progress: bool = True,
     failures: list[tuple[str, str]] | None = None,
     summary_name: str = "summary.csv",
 ) -> PredictReport:
     """Predict every source and write its files (module docstring); ``failures`` are listed in the summary."""
-    from oilleak.data.transforms import load_image
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = PredictReport(out_dir, failures=list(failures or []), score_thr=score_thr)
-    summary = files.SummaryCsv(out_dir / summary_name, class_names)
+    report = PredictReport(out_dir, failures=list(failures or []), score_thr=detector.score_thr)
+    summary = files.SummaryCsv(out_dir / summary_name, detector.classes)
     for text, reason in report.failures:
         summary.failed(text, "", reason)
 
-    def finish(source: Source, image: np.ndarray, instances: list[Instance], top: float | None,
-               advance: Callable[[int], None]) -> None:
-        instances = [fill_holes(inst) for inst in instances]  # outlines describe them (fill_holes)
-        record = _write_outputs(out_dir, source, image, instances, class_names, score_thr, save_labelme, top)
-        summary.ok(source.name, record)
+    def finish(source: Source, result: Result, advance: Callable[[int], None]) -> None:
+        result.save(out_dir, source.name, labelme=save_labelme)
+        summary.ok(source.name, result.to_dict())
         report.processed += 1
-        report.instances += len(instances)
+        report.instances += len(result)
         advance(1)
 
-    # The model runs while a loader thread decodes the next image and a writer thread writes the previous
-    # one's files (decoding, OpenCV and file writing release the GIL); one of each in flight keeps memory flat
-    # and the summary in input order.
+    # The detector decodes the next image in its loader thread while the model runs, and a writer thread
+    # writes the previous one's files (decoding, OpenCV and file writing release the GIL); one of each in
+    # flight keeps memory flat and the summary in input order.
     try:
         with progress_bar(progress, len(sources), "predicting") as advance, \
-                ThreadPoolExecutor(1, thread_name_prefix="oilleak-load") as loader, \
                 ThreadPoolExecutor(1, thread_name_prefix="oilleak-write") as writer:
             writing: Future | None = None
-            loading = loader.submit(load_image, sources[0].path) if sources else None
-            for i, source in enumerate(sources):
-                image_future = loading
-                if i + 1 < len(sources):
-                    loading = loader.submit(load_image, sources[i + 1].path)
-                if isinstance(predict, Predictor):
-                    predict.top_score = None  # this image's (all its tiles')
-                try:
-                    image = image_future.result()
-                    instances = predict_tiled(image, predict, tile) if tile else predict(image)
-                except (OilleakError, torch.OutOfMemoryError) as exc:
-                    reason = str(exc).splitlines()[0]
-                    if isinstance(exc, torch.OutOfMemoryError):
-                        reason = f"out of memory ({reason[:80]}); try --tile 1333 or --device cpu"
-                    if writing is not None:
-                        writing.result()  # rows stay in input order
-                    report.failures.append((str(source.path), reason))
-                    summary.failed(str(source.path), source.name, reason)
+            results = detector.stream([source.path for source in sources], errors="report")
+            for source, result in zip(sources, results):
+                if writing is not None:
+                    writing.result()  # rows stay in input order; re-raises the writer's error here
+                    writing = None
+                if result.error is not None:
+                    report.failures.append((str(source.path), result.error))
+                    summary.failed(str(source.path), source.name, result.error)
                     advance(1)
                     continue
-                top = predict.top_score if isinstance(predict, Predictor) else None
-                if top is not None:
-                    report.top_score = top if report.top_score is None else max(report.top_score, top)
-                if writing is not None:
-                    writing.result()  # re-raises the writer's error here
-                writing = writer.submit(finish, source, image, instances, top, advance)
+                if result.top_score is not None:
+                    report.top_score = max(report.top_score or 0.0, result.top_score)
+                writing = writer.submit(finish, source, result, advance)
             if writing is not None:
                 writing.result()
     finally:
@@ -214,19 +164,22 @@ def predict_images(
     return report
 
 
-def _write_outputs(out_dir: Path, source: Source, image: np.ndarray, instances: list[Instance],
-                   class_names: list[str], score_thr: float, save_labelme: bool, top_score: float | None) -> dict:
-    """Write the image's files; returns its instances record (what instances/NAME.json holds)."""
-    height, width = image.shape[:2]
-    polygons = [mask_polygons(inst) for inst in instances]
-    files.write_overlay(files.output_file(out_dir, "overlays", source.name, ".jpg"), image, instances, class_names,
-                        score_thr, top_score)
-    record = files.instances_record(str(source.path), height, width, instances, polygons, class_names, score_thr)
-    files.write_json(files.output_file(out_dir, "instances", source.name, ".json"), record)
-    if save_labelme:
-        files.write_labelme(files.output_file(out_dir, "labelme", source.name, ".json"), source.path, height, width,
-                            instances, polygons, class_names)
-    return record
+def predict_video(detector: Detector, source: Source, out_dir: Path, *, every: int | None, fps: float | None,
+                  progress: bool = True) -> dict:
+    """A video's overlay video, per-frame JSON lines and summary (:class:`oilleak.predict.video.VideoOutputs`)."""
+    from oilleak.predict.video import VideoOutputs, frame_step, video_info
+
+    rate, frames = video_info(source.path)
+    step = frame_step(rate, every, fps)
+    outputs = VideoOutputs(out_dir, source.name, source.path, detector.classes, detector.score_thr, rate / step)
+    try:
+        with progress_bar(progress, -(-frames // step), f"predicting {source.path.name}") as advance:
+            for result in detector.stream(source.path, every=every, fps=fps):
+                outputs.add(result.plot(), result.to_dict())
+                advance(1)
+    finally:
+        summary = outputs.close()
+    return summary
 
 
 def run_predict(
@@ -241,17 +194,19 @@ def run_predict(
     progress: bool = True,
     overrides: list[str] | None = None,
     say: Callable[[str], None] | None = None,
+    every: int | None = None,
+    fps: float | None = None,
 ) -> PredictReport:
     """`oilleak predict`: the model of an oilleak checkpoint (or of an `oilleak export` .onnx file) over the
-    inputs. Raises OilleakError when no image at all could be predicted (nothing found, or every one
+    inputs, through :class:`~oilleak.predict.detector.Detector`. Videos (by extension) are read every
+    ``every``-th frame or at about ``fps`` frames a second (:func:`predict_video`). Raises OilleakError when no image at all could be predicted (nothing found, or every one
     unreadable). ``say`` gets the notes the user needs before the (long) run: where the outputs go when
     ``out_dir`` already holds files.
 
     Under torchrun every rank finds the same images and predicts every world_size-th of them into the one
     output folder rank 0 chose; rank 0 joins the ranks' summary rows into summary.csv (in input order). Every
     rank returns the report of the whole run."""
-    from oilleak.export.onnx_runtime import OnnxModel, OnnxPredictor, is_onnx_file
-    from oilleak.models.checkpoint import model_from_checkpoint
+    from oilleak.predict.video import is_video
 
     if tile is not None and tile < 64:
         raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
@@ -263,23 +218,20 @@ def run_predict(
         say(f"{asked} is not empty (oilleak never overwrites files): the outputs go to {out_dir}")
     if not sources:
         listed = "; ".join(f"{text}: {why}" for text, why in problems)
-        raise OilleakError(f"no image to predict ({listed}); pass image files, folders or quoted globs like 'photos/**/*.jpg'")
-    if is_onnx_file(ckpt):  # an `oilleak export` file, run by ONNX Runtime on the CPU
-        if overrides:
-            raise OilleakError(f"--set cannot change {ckpt}: an exported graph is fixed; export the checkpoint again with the change")
-        onnx_model = OnnxModel(ckpt)
-        thr, classes = (onnx_model.score_thr if score_thr is None else score_thr), onnx_model.classes
-        predictor = OnnxPredictor(onnx_model, thr)
-    else:
-        model, config = model_from_checkpoint(ckpt, runtime.device, overrides)
-        thr, classes = (config.predict.score_thr if score_thr is None else score_thr), list(config.data.classes)
-        predictor = Predictor(model, config, runtime.device, thr)
+        raise OilleakError(f"no image to predict ({listed}); pass image files, videos, folders or quoted globs like 'photos/**/*.jpg'")
+    detector = Detector(ckpt, runtime.device, score_thr, tile=tile, overrides=overrides)
     mine = [sources[i] for i in distributed.shard(len(sources), runtime)]
+    videos = [s for s in mine if is_video(s.path)]
+    images = [s for s in mine if not is_video(s.path)]
     report = predict_images(
-        predictor, mine, out_dir, classes, score_thr=thr, tile=tile, save_labelme=save_labelme,
+        detector, images, out_dir, save_labelme=save_labelme,
         progress=progress and runtime.is_main, failures=problems if runtime.is_main else [],
         summary_name=f"summary.rank{runtime.rank}.csv" if runtime.distributed else "summary.csv",
     )
+    for video in videos:
+        summary = predict_video(detector, video, out_dir, every=every, fps=fps, progress=progress and runtime.is_main)
+        report.videos.append(summary)
+        report.processed += 1
     if runtime.distributed:
         report = _join_ranks(report, sources, runtime)
     distributed.stop(runtime)

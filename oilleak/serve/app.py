@@ -37,11 +37,10 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from oilleak.predict.instances import Instance, fill_holes, mask_polygons
-from oilleak.predict.files import instances_record, overlay_image
+from oilleak.predict.backends import Found
+from oilleak.predict.detector import Detector
 from oilleak.visualize import palette
 from oilleak.serve.admission import RETRY_AFTER_S, PixelBudget, too_many_passes
-from oilleak.serve.model import ServedModel
 from oilleak.serve.pool import InferencePool, QueueFull
 from oilleak.serve.settings import MIN_TILE, ServeSettings
 from oilleak.serve.uploads import UploadError, decode_upload, open_upload
@@ -167,7 +166,7 @@ class Gate:
 
 
 class ServerState:
-    def __init__(self, model: ServedModel, settings: ServeSettings):
+    def __init__(self, model: Detector, settings: ServeSettings):
         self.model = model
         self.settings = settings
         self.started = time.monotonic()
@@ -175,7 +174,7 @@ class ServerState:
         self.requests_inside = 0  # /predict* requests admitted by the Gate and not answered yet
         self.draining = False
         self.pixels = PixelBudget(settings.pixel_budget)
-        self.pool = InferencePool(model, workers=settings.workers, queue=settings.queue,
+        self.pool = InferencePool(model.predict_arrays, workers=settings.workers, queue=settings.queue,
                                   max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000)
 
     def begin_shutdown(self) -> None:
@@ -188,21 +187,18 @@ class ServerState:
         timer.start()
 
 
-def answer(model: ServedModel, name: str, image: np.ndarray, instances: list[Instance], score_thr: float,
-           overlay: bool) -> dict[str, Any]:
+def answer(model: Detector, name: str, image: np.ndarray, found: Found, score_thr: float, overlay: bool) -> dict[str, Any]:
     """The JSON of one image: the model, then the record `oilleak predict` writes to instances/NAME.json."""
-    kept = [fill_holes(inst) for inst in instances if inst.score >= score_thr]
-    height, width = image.shape[:2]
-    record = instances_record(name, height, width, kept, [mask_polygons(i) for i in kept], model.classes, score_thr)
-    payload = {"model": model.info, **record}
+    result = model.result(image, found, score_thr, source=name)
+    payload = {"model": model.info, **result.to_dict()}
     if overlay:
         buffer = io.BytesIO()
-        Image.fromarray(overlay_image(image, kept, model.classes)).save(buffer, "PNG")
+        Image.fromarray(result.plot()).save(buffer, "PNG")
         payload["overlay_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
     return payload
 
 
-def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
+def create_app(model: Detector, settings: ServeSettings) -> FastAPI:
     state = ServerState(model, settings)
 
     @asynccontextmanager
@@ -244,7 +240,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         if problem is not None:
             raise HTTPException(422, problem)
 
-    async def predicted(images: list[np.ndarray], tile: int | None, score_thr: float) -> list[list[Instance]]:
+    async def predicted(images: list[np.ndarray], tile: int | None, score_thr: float) -> list[Found]:
         try:
             futures = state.pool.submit(images, tile, score_thr)
             return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
@@ -264,8 +260,8 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
                 pixels = await run_in_threadpool(decode_upload, header, name)
             except UploadError as exc:
                 return error(exc.status, exc.message)
-            (instances,) = await predicted([pixels], tile, threshold(score_thr))
-            return await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
+            (found,) = await predicted([pixels], tile, threshold(score_thr))
+            return await run_in_threadpool(answer, model, name, pixels, found, threshold(score_thr), overlay)
 
     @app.post("/predict/batch", summary="Leaks in several photos (multipart fields `images`)")
     async def predict_batch(images: Annotated[list[UploadFile], File(description="the photos")],
@@ -293,8 +289,8 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
                 except UploadError as exc:
                     refused(k, exc)
             found = await predicted([pixels for _, _, pixels in good], tile, threshold(score_thr)) if good else []
-            for (k, name, pixels), instances in zip(good, found):
-                results[k] = await run_in_threadpool(answer, model, name, pixels, instances, threshold(score_thr), overlay)
+            for (k, name, pixels), each in zip(good, found):
+                results[k] = await run_in_threadpool(answer, model, name, pixels, each, threshold(score_thr), overlay)
         return {"model": model.info, "results": results}
 
     @app.get("/health", summary="Ready or not and the uptime; with the API key, the model and the queue too")

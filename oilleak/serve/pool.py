@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oilleak.predict.instances import Instance
-from oilleak.predict.tiling import predict_tiled
+from oilleak.predict.backends import Found
 
-# (images, min_score) -> each image's instances; at least those scoring min_score or more
-BatchPredict = Callable[[list[np.ndarray], float], list[list[Instance]]]
+# Detector.predict_arrays: (images, min_score, tile, before_tile) -> each image's instances scoring min_score
+# or more; with a tile size, each image in tiles, before_tile() called before every tile's pass
+BatchPredict = Callable[[list[np.ndarray], float, "int | None", "Callable[[], None] | None"], list[Found]]
 
 
 class QueueFull(Exception):
@@ -108,12 +108,9 @@ class InferencePool:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
 
-    def _tile_pass(self, min_score: float) -> Callable[[np.ndarray], list[Instance]]:
-        def run(tile: np.ndarray) -> list[Instance]:
-            if self._cancelled:
-                raise ShuttingDown("the server is shutting down; this photo's tiles were not all run")
-            return self.predict([tile], min_score)[0]
-        return run
+    def _before_tile(self) -> None:
+        if self._cancelled:
+            raise ShuttingDown("the server is shutting down; this photo's tiles were not all run")
 
     def _next_batch(self) -> list[_Job] | None:
         with self._cond:
@@ -141,10 +138,7 @@ class InferencePool:
             error: Exception | None = None
             try:
                 min_score = min(job.min_score for job in batch)
-                if batch[0].tile is not None:
-                    results = [predict_tiled(batch[0].image, self._tile_pass(min_score), batch[0].tile)]
-                else:
-                    results = self.predict([job.image for job in batch], min_score)
+                results = self.predict([job.image for job in batch], min_score, batch[0].tile, self._before_tile)
             except Exception as exc:  # the request fails, the worker lives on
                 error = exc
             finally:

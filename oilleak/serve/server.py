@@ -19,7 +19,7 @@ import numpy as np
 import uvicorn
 
 from oilleak.serve.app import create_app
-from oilleak.serve.model import ServedModel
+from oilleak.predict.detector import Detector
 from oilleak.serve.settings import ServeSettings
 
 
@@ -60,8 +60,8 @@ def _log_json_lines() -> None:
 
 def run_server(ckpt: Path, *, host: str, port: int, device, settings: ServeSettings,
                overrides: list[str] | None = None, on_ready=print) -> None:
-    model = ServedModel.load(ckpt, device, overrides)
-    model([np.zeros((64, 64, 3), np.uint8)])  # the first pass allocates and tunes; no request should pay for it
+    model = Detector(ckpt, device, overrides=overrides)
+    model.predict_arrays([np.zeros((64, 64, 3), np.uint8)], 0.0)  # the first pass allocates and tunes; no request should pay for it
     app = create_app(model, settings)
     _log_json_lines()
     state = app.state.oilleak
@@ -72,6 +72,6 @@ def run_server(ckpt: Path, *, host: str, port: int, device, settings: ServeSetti
     if not is_loopback(host) and not settings.api_key:
         on_ready(f"WARNING: serving {host}, reachable from other machines, without an API key: anyone who can "
                  "reach the port can run the model. Set OILLEAK_API_KEY, or serve --host 127.0.0.1 behind a proxy.")
-    on_ready(f"oilleak serve: {model.checkpoint} ({model.preset}, {len(model.classes)} classes) on "
+    on_ready(f"oilleak serve: {model.info['checkpoint']} ({model.info['preset']}, {len(model.classes)} classes) on "
              f"{model.device}, http://{host}:{port}/ (API schema at /openapi.json)")
     DrainingServer(config, state.begin_shutdown).run()
