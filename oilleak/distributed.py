@@ -82,8 +82,26 @@ def start(requested_device: str | None) -> Runtime:
     device = _pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        except RuntimeError as exc:
+            _explain_restart_failure(exc)
+            raise
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _explain_restart_failure(exc: RuntimeError) -> None:
+    """A job torchrun restarted (--max-restarts) whose processes cannot connect: with the rendezvous store
+    that torchrun shares with its workers by default, a restarted rank can read the dead attempt's address
+    of another (pytorch/pytorch#135712; met with torch 2.14 and gloo)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise OilleakError(
+            f"torchrun restarted this job (restart {restart}) but its processes could not connect "
+            f"({str(exc).splitlines()[0][:200]}): torchrun's shared rendezvous store can hand a restarted job the "
+            "addresses of the processes that died. Run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+            "environment; the job then continues from its latest.pth"
+        ) from None
 
 
 def start_if_launched(requested_device: str | None) -> Runtime:

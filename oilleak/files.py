@@ -1,12 +1,14 @@
 """Writing files so that nothing is lost: the one way oilleak replaces a file.
 
 A file is written under a temporary name in its own folder, flushed to disk, then renamed over the final
-name. A crash or an error leaves either the old file or the new one under that name, never half of one,
-and the temporary file is removed. Checkpoints, COCO annotations, detections, plots: all go through here.
+name, and the folder is synced so that the rename survives a power cut too. A crash or an error leaves
+either the old file or the new one under that name, never half of one, and the temporary file is removed.
+Checkpoints, COCO annotations, detections, plots: all go through here.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -41,6 +43,7 @@ def atomic_write(path: str | Path, mode: str = "wb", *, encoding: str | None = N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
 
 
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
@@ -59,3 +62,17 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(dst.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries: a rename survives a power cut only once its folder is synced (a killed
+    process needs nothing: the kernel has the rename). Some file systems cannot sync a folder (EINVAL)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)

@@ -47,7 +47,32 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Config, extra
     }
     ckpt.update(extra or {})
     with atomic_write(path) as f:
-        torch.save(ckpt, f)
+        writer = _WriteErrors(f)
+        try:
+            torch.save(ckpt, writer)
+        except RuntimeError:
+            if writer.error is not None:  # e.g. ENOSPC, which torch.save reports as "unexpected pos 704 vs 598"
+                raise writer.error from None
+            raise
+
+
+class _WriteErrors:
+    """A file for ``torch.save`` that keeps the OSError of a failed write (a full disk), which torch.save
+    itself turns into a RuntimeError that names neither the file nor the cause."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 # torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+: 0x80).
@@ -121,17 +146,55 @@ def config_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint
         raise OilleakError(f"{exc}\nThe checkpoint was written by oilleak {ckpt.get('meta', {}).get('oilleak')}.") from None
 
 
-def build_with_weights(config: Config, state_dict: dict[str, Any], path: str | Path) -> nn.Module:
-    """The model ``config`` describes with an oilleak checkpoint's weights: every tensor must fit."""
+def build_with_weights(
+    config: Config, state_dict: dict[str, Any], path: str | Path, recorded: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """The model ``config`` describes with an oilleak checkpoint's weights: every tensor must fit.
+    ``recorded``: the config stored in the checkpoint, to name what was changed when they do not."""
     model = build_model(config.model, config.num_classes)
-    check_norm(model, state_dict, str(path))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise OilleakError(
-            f"checkpoint {path} does not fit the {config.model.preset} model for {config.num_classes} classes: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+    check_weights_fit(model, state_dict, path, config, recorded)
+    model.load_state_dict(state_dict)
     return model
+
+
+def check_weights_fit(
+    model: nn.Module, state_dict: Mapping[str, Any], path: str | Path, config: Config,
+    recorded: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse weights that do not fit ``model`` key for key and shape for shape, naming the first keys that
+    differ and the model settings the checkpoint was trained with (``load_state_dict(strict=False)`` still
+    raises a bare RuntimeError on a shape mismatch, e.g. after ``--set model.preset=`` of another width)."""
+    check_norm(model, state_dict, str(path))
+    own = model.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if not (shapes or missing or unexpected):
+        return
+    found = []
+    if shapes:
+        found.append(f"{len(shapes)} tensors of another shape (" + "; ".join(
+            f"{k}: {list(a)} in the checkpoint, {list(b)} in the model" for k, a, b in shapes[:3]) + ")")
+    if missing:
+        found.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    raise OilleakError(
+        f"checkpoint {path} does not fit the model.preset {config.model.preset} model for {config.num_classes} "
+        f"classes: {', '.join(found)}. {_fit_fix(config, recorded)}"
+    )
+
+
+def _fit_fix(config: Config, recorded: Mapping[str, Any] | None) -> str:
+    """How to build the model the weights were trained for: the preset the checkpoint records, when it is
+    not the one asked for (the norm has its own message, from ``check_norm``; the other model settings are
+    test-time ones that change no tensor)."""
+    model = (recorded or {}).get("model")
+    trained = model.get("preset") if isinstance(model, Mapping) else None
+    if trained is None or trained == config.model.preset:
+        return "Use the config the checkpoint was trained with (its model.preset and data.classes)"
+    return (f"It was trained with model.preset={trained} (this run asks for model.preset={config.model.preset}): "
+            f"drop that --set or config change, or pass --set model.preset={trained}")
 
 
 def model_from_checkpoint(
@@ -143,7 +206,7 @@ def model_from_checkpoint(
     config = config_from_checkpoint(ckpt, path, overrides)
     if config.data.classes != ckpt["classes"]:
         raise OilleakError(f"--set cannot change data.classes of {path}: its weights are for {ckpt['classes']}")
-    return build_with_weights(config, ckpt["state_dict"], path).to(device).eval(), config
+    return build_with_weights(config, ckpt["state_dict"], path, ckpt["config"]).to(device).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------

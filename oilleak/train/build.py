@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -13,7 +14,6 @@ from torch.utils.data import DataLoader
 from oilleak import distributed
 from oilleak.config import Config
 from oilleak.distributed import Runtime
-from oilleak.errors import OilleakError
 from oilleak.train.from_scratch import calibrate_frozen_batchnorm, recipe_line, resolve_backbone_norm, train_backbones
 from oilleak.train.sample_order import EpochBatches, train_loader
 from oilleak.train.schedule import from_random_weights
@@ -69,23 +69,21 @@ def build_data(config: Config, runtime: Runtime, config_name: str, note: Note) -
 
 
 def build_model(
-    config: Config, checkpoint: dict[str, Any] | None, data: TrainData, runtime: Runtime, note: Note
+    config: Config, checkpoint: dict[str, Any] | None, checkpoint_path: Path | None, data: TrainData,
+    runtime: Runtime, note: Note,
 ) -> tuple[nn.Module, nn.Module]:
     """The bare model (for checkpoints and evaluation) and the one to train (wrapped in
-    DistributedDataParallel under torchrun), with the resumed checkpoint's weights or the starting ones."""
+    DistributedDataParallel under torchrun), with the weights of the ``checkpoint`` resumed (read from
+    ``checkpoint_path``) or the starting ones."""
+    from oilleak.models.checkpoint import check_weights_fit
     from oilleak.models.presets import build_model as build_detector
 
     cfg = config.train
     seed_everything(cfg.seed)  # the same initial weights on every rank and every run
     model = build_detector(config.model, config.num_classes)
     if checkpoint is not None:
-        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-        if missing or unexpected:
-            raise OilleakError(
-                f"the checkpoint to resume does not fit model.preset {config.model.preset} with "
-                f"{config.num_classes} classes: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume with the config it was trained with"
-            )
+        check_weights_fit(model, checkpoint["state_dict"], checkpoint_path, config, checkpoint.get("config"))
+        model.load_state_dict(checkpoint["state_dict"])
     pretrained = checkpoint is not None or _load_initial_weights(model, config, note)
     model.to(runtime.device)
     weights = "resumed" if checkpoint is not None else "loaded" if pretrained else "random"

@@ -81,15 +81,21 @@ class TrainLog:
             self._lines = PlainProgress(self.console, self.total_steps, "train", start=self.start_step)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if not self.enabled:
             return
-        if self._window and self._last is not None:  # stopped between log lines (Ctrl-C, SIGTERM, NaN)
-            self._log_window(*self._last)
         self._progress.stop()
-        self._tb.close()
-        self._file.close()
-        self.plot()
+        try:
+            if self._window and self._last is not None:  # stopped between log lines (Ctrl-C, SIGTERM, NaN)
+                self._log_window(*self._last)
+            self._tb.close()
+            self._file.close()
+            self.plot()
+        except OSError:
+            if exc_type is None:
+                raise
+            # the error that ends the training (a full disk, say) is the one to report, not the log's
+            # failure to close after it
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -13,10 +13,11 @@ Building the run is in ``build.py``, resuming in ``resume.py``, the checkpoint f
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from rich.console import Console
@@ -31,9 +32,17 @@ from oilleak.train.build import build_data, build_model
 from oilleak.train.from_scratch import resolve_model_norm
 from oilleak.train.log import TrainLog
 from oilleak.train.options import TrainOptions, TrainResult, resolve_options
-from oilleak.train.resume import load_resume_checkpoint, restore_rng_of_rank, resume_path, write_config
+from oilleak.train.resume import (
+    TORCHRUN_RUN_ID,
+    check_optimizer_fits,
+    load_resume_checkpoint,
+    restore_rng_of_rank,
+    resume_path,
+    torchrun_restart,
+    write_config,
+)
 from oilleak.train.schedule import build_optimizer, choose_lr, lr_at, run_progress, set_lr
-from oilleak.train.state import CheckpointFiles, capture_rng, seed_everything
+from oilleak.train.state import CheckpointFiles, CheckpointWriteFailed, capture_rng, seed_everything
 from oilleak.train.stop_signals import StopSignals
 from oilleak.train.stops import AgreedStop, StopBeforeStep, TrainingDiverged, diverged_advice
 
@@ -53,6 +62,14 @@ def run_training(config: Config, options: TrainOptions, console: Console | None 
         if stop.echo and not runtime.is_main:
             raise SystemExit(2) from None
         raise stop.error from None
+    except OSError as exc:  # the log, the plot: checkpoints report their own (CheckpointWriteFailed)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        work_dir = options.work_dir or config.train.work_dir
+        raise OilleakError(
+            f"{exc.filename or work_dir}: {exc.strerror} while training; the checkpoints already in {work_dir} are "
+            "intact (they are written atomically). Free space there, then continue with --resume"
+        ) from None
     distributed.stop(runtime)
     return result
 
@@ -72,13 +89,15 @@ class Trainer:
             self.note("note: --amp / train.amp is ignored on CPU (fp16 autocast is for CUDA); training in fp32")
 
         resumed_from = resume_path(self.work_dir, options)
+        if resumed_from is not None and not (options.resume or options.resume_from):
+            self.note(f"restarted by torchrun (restart {torchrun_restart()}): this job continues from {resumed_from}")
         distributed.barrier(runtime)  # every rank has looked at the work dir before rank 0 writes into it
         data = build_data(config, runtime, options.config_name, self.note)
         self.train_set, self.val_set, self.batches, self.loader = data.train_set, data.val_set, data.batches, data.loader
         checkpoint = load_resume_checkpoint(resumed_from) if resumed_from else None
         # the norm chosen, not "auto", goes into config.yaml and the checkpoints: they rebuild this model
         config.model.norm = resolve_model_norm(config, checkpoint)
-        self.module, self.model = build_model(config, checkpoint, data, runtime, self.note)  # bare, trained
+        self.module, self.model = build_model(config, checkpoint, resumed_from, data, runtime, self.note)  # bare, trained
         self.model.train()
 
         total_batch = runtime.world_size * config.data.batch_size
@@ -97,18 +116,22 @@ class Trainer:
         self._evaluated = False  # whether this run evaluated (for the closing advice)
         self._evaluated_at: int | None = None  # the iteration of the last evaluation
         if checkpoint is not None:
-            self._restore_train_state(checkpoint["train_state"], resumed_from, total_batch)
+            self._restore_train_state(checkpoint, resumed_from, total_batch)
         else:
             seed_everything(cfg.seed + 1 + runtime.rank)  # each rank's own stream for the RoI samplers
         self.boundary_rng = capture_rng()
         if runtime.is_main:
+            if resumed_from is not None and (dead := self.files.remove_dead_writes()):
+                self.note(f"removed the unfinished checkpoint write(s) of the interrupted run: {', '.join(dead)}")
             write_config(config, self.work_dir, resumed_from, self.iteration)
 
     def note(self, text: str, markup: bool = False) -> None:
         if self.runtime.is_main:
             self.console.print(text, highlight=False, markup=markup, soft_wrap=True)
 
-    def _restore_train_state(self, state: dict[str, Any], path: Path, total_batch: int) -> None:
+    def _restore_train_state(self, checkpoint: dict[str, Any], path: Path, total_batch: int) -> None:
+        state = checkpoint["train_state"]
+        check_optimizer_fits(state["optimizer"], self.optimizer, path, checkpoint["config"], self.config)
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -310,14 +333,11 @@ class Trainer:
         if not (saves_epoch or improved):
             return False
         state = self._train_state()
-        if self.runtime.is_main:
-            if saves_epoch:
-                path = self.files.save_epoch(epoch, model=self.module, config=self.config, train_state=state,
-                                             is_best=improved)
-            else:
-                path = self.files.save_best(model=self.module, config=self.config, train_state=state)
-            self.note(f"checkpoint {path}" + (f" (best {BEST_METRIC} so far: {score:.4f})" if improved else ""))
-        distributed.barrier(self.runtime)
+        if saves_epoch:
+            self._save(lambda: self.files.save_epoch(epoch, model=self.module, config=self.config, train_state=state,
+                                                     is_best=improved), best=improved)
+        else:
+            self._save(lambda: self.files.save_best(model=self.module, config=self.config, train_state=state), best=True)
         return saves_epoch
 
     def _checkpoint_to_use(self) -> str:
@@ -342,10 +362,7 @@ class Trainer:
             return
         self.best = score
         state = self._train_state()
-        if self.runtime.is_main:
-            path = self.files.save_best(model=self.module, config=self.config, train_state=state)
-            self.note(f"checkpoint {path} (best {BEST_METRIC} so far: {score:.4f})")
-        distributed.barrier(self.runtime)
+        self._save(lambda: self.files.save_best(model=self.module, config=self.config, train_state=state), best=True)
 
     def _evaluates(self, epoch: int) -> bool:
         return self.val_set is not None and (epoch % self.cfg.eval_interval == 0 or epoch == self.cfg.epochs)
@@ -397,10 +414,26 @@ class Trainer:
             "world_size": self.runtime.world_size,
             "batch_size": self.config.data.batch_size,
             "base_lr": self.base_lr,
+            "torchrun_run_id": TORCHRUN_RUN_ID,  # a job torchrun restarts resumes only its own checkpoints
         }
 
     def _save_latest(self) -> None:
         state = self._train_state()
+        # not announced: the closing message names it
+        self._save(lambda: self.files.save_latest(model=self.module, config=self.config, train_state=state), announce=False)
+
+    def _save(self, write: Callable[[], Path], *, announce: bool = True, best: bool = False) -> None:
+        """Rank 0 writes a checkpoint while the others wait for it; a write that fails (a full disk) ends
+        every rank, rank 0 with the message. ``best``: the checkpoint holds the best score so far."""
+        failure: CheckpointWriteFailed | None = None
         if self.runtime.is_main:
-            self.files.save_latest(model=self.module, config=self.config, train_state=state)
-        distributed.barrier(self.runtime)
+            try:
+                path = write()
+            except CheckpointWriteFailed as exc:
+                failure = exc
+            else:
+                if announce:
+                    self.note(f"checkpoint {path}" + (f" (best {BEST_METRIC} so far: {self.best:.4f})" if best else ""))
+        message = distributed.from_main(None if failure is None else str(failure), self.runtime)
+        if message is not None:
+            raise AgreedStop(failure or CheckpointWriteFailed(message))

@@ -16,8 +16,11 @@ optimiser and AMP scaler states, the RNG states of every rank, the best metric, 
 
 from __future__ import annotations
 
+import errno
 import random
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,20 @@ import torch
 from torch import nn
 
 from oilleak.config import Config
+from oilleak.errors import OilleakError
 from oilleak.files import link_or_copy
 from oilleak.models.checkpoint import save_checkpoint
 
 # Files a training writes into its work dir; a fresh training refuses a work dir that holds any of them.
 OUTPUT_NAMES = ("config.yaml", "log.jsonl", "latest.pth", "best.pth", "loss_curve.png", "tb")
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth")
+# What oilleak.files.atomic_write names a checkpoint while writing it; one left behind is a write that died
+# (kill -9, power loss) before its rename.
+CHECKPOINT_TEMPORARY = re.compile(r"\.(latest|best|epoch_\d+)\.pth\.[0-9a-f]{12}\.tmp")
+
+
+class CheckpointWriteFailed(OilleakError):
+    """A checkpoint could not be written (a full disk, say); the files already there are untouched."""
 
 
 def seed_everything(seed: int) -> None:
@@ -86,20 +97,51 @@ class CheckpointFiles:
 
     def save_epoch(self, epoch: int, *, model: nn.Module, config: Config, train_state: dict, is_best: bool) -> Path:
         path = self.work_dir / f"epoch_{epoch}.pth"
-        save_checkpoint(path, model=model, config=config, extra={"train_state": train_state})
-        link_or_copy(path, self.latest)
-        if is_best:
-            link_or_copy(path, self.best)
+
+        def write() -> None:
+            save_checkpoint(path, model=model, config=config, extra={"train_state": train_state})
+            link_or_copy(path, self.latest)
+            if is_best:
+                link_or_copy(path, self.best)
+
+        self._write(path, write)
         self._prune()
         return path
 
     def save_latest(self, *, model: nn.Module, config: Config, train_state: dict) -> Path:
-        save_checkpoint(self.latest, model=model, config=config, extra={"train_state": train_state})
+        self._write(self.latest, lambda: save_checkpoint(self.latest, model=model, config=config,
+                                                         extra={"train_state": train_state}))
         return self.latest
 
     def save_best(self, *, model: nn.Module, config: Config, train_state: dict) -> Path:
-        save_checkpoint(self.best, model=model, config=config, extra={"train_state": train_state})
+        self._write(self.best, lambda: save_checkpoint(self.best, model=model, config=config,
+                                                       extra={"train_state": train_state}))
         return self.best
+
+    def remove_dead_writes(self) -> list[str]:
+        """Delete the temporary files of checkpoint writes that never finished (the process was killed in
+        one); the names removed. Only for the training that owns the work dir, before it writes."""
+        dead = sorted(p for p in self.work_dir.iterdir() if CHECKPOINT_TEMPORARY.fullmatch(p.name))
+        for path in dead:
+            path.unlink(missing_ok=True)
+        return [p.name for p in dead]
+
+    def _write(self, path: Path, write: Callable[[], None]) -> None:
+        """Run ``write``; an OSError becomes a message with the free space, what is kept and the fix (the
+        write left no file behind: atomic_write removes its temporary)."""
+        try:
+            write()
+        except OSError as exc:
+            free = shutil.disk_usage(self.work_dir).free / 2**20
+            cause = exc.strerror or str(exc)
+            fix = ("free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else f"make {self.work_dir} writable")
+            kept = (f"{self.latest} is intact" if self.latest.is_file()
+                    else "no checkpoint was written before this one")
+            raise CheckpointWriteFailed(
+                f"could not write the checkpoint {path}: {cause} ({free:.0f} MB free in {self.work_dir}); {kept}. "
+                f"Fix: {fix}, or move the work dir to a larger disk, then continue with --resume"
+            ) from None
 
     def _prune(self) -> None:
         epochs = sorted(
