@@ -1,11 +1,15 @@
-"""Two training processes on CPU (gloo): both train the same model; an exception on one rank ends both.
+"""Two training processes on CPU (gloo): both train the same model, the model one process trains at the
+same total batch; an exception on one rank ends both.
 
 Run as a script, this file is one rank of such a training (the tests start it under torchrun, or as two
-plain processes to show the ranks stop each other without torchrun's agent).
+plain processes to show the ranks stop each other without torchrun's agent), or, without torchrun, the
+one process to compare with.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -18,14 +22,19 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _worker(data_root: str, work_dir: str, out_dir: str, max_iters: int, fail_rank: int) -> None:
+def _worker(data_root: str, work_dir: str, out_dir: str, max_iters: int, fail_rank: int, batch_size: int = 1,
+            exact: bool = False) -> None:
     sys.path.insert(0, str(HERE))
     from test_train_loop import quiet, shapes_config
 
+    from oilleak.config import config_from_dict
     from oilleak.data.dataset import CocoDataset
     from oilleak.train.loop import TrainOptions, run_training
 
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
+    order: list[int] = []  # the training images this process loads, in order
+    if exact:
+        _train_exactly(order)
     if rank == fail_rank:
         real_getitem, calls = CocoDataset.__getitem__, []
 
@@ -36,9 +45,49 @@ def _worker(data_root: str, work_dir: str, out_dir: str, max_iters: int, fail_ra
             return real_getitem(self, index)
 
         CocoDataset.__getitem__ = failing_getitem
-    cfg = shapes_config(Path(data_root), Path(work_dir), train={"epochs": 2, "milestones": [2]})
+    data = {"batch_size": batch_size, "flip_prob": 0.0} if exact else {}  # a flip is drawn per rank
+    cfg = shapes_config(Path(data_root), Path(work_dir), train={"epochs": 2, "milestones": [2]}, data=data)
+    if exact:  # HTC without DetectoRS' deformable convs (its float32 noise is larger); the same DDP code path
+        cfg = config_from_dict({**cfg.to_dict(), "model": {"preset": "htc_r50_tiny"}})
     result = run_training(cfg, TrainOptions(max_iters=max_iters, device="cpu"), quiet())
     torch.save(result.model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    (Path(out_dir) / f"order{rank}.json").write_text(json.dumps(order))
+
+
+def _train_exactly(order: list[int]) -> None:
+    """Make 2 ranks x batch 1 and 1 process x batch 2 compute the same steps, up to float64 rounding, and
+    record the images loaded into ``order``.
+
+    Three things differ between them by design, removed here: each rank draws its anchor / RoI samples from
+    its own random stream (here: the first k candidates everywhere); the mask loss is a mean over the
+    positive RoIs of the whole batch, which weighs an image with more positives more than DDP's mean of the
+    ranks' gradients (here: one positive per image and stage, as every ground truth is a positive candidate;
+    the other losses divide by the samples of the batch, 32 per image here, which every image has); and
+    float32 convolutions of a batch of 2 round differently from two of 1 (a relative 1.6e-5 in the
+    gradients measured on this model, 6e-11 in float64): here the model and its input are float64.
+    """
+    from oilleak.data.dataset import CocoDataset
+    from oilleak.models import presets
+    from oilleak.models.box_ops import RandomSampler
+    from oilleak.structures import Batch
+
+    real_init = RandomSampler.__init__
+
+    def one_positive(self, *, num, pos_fraction, add_gt_as_proposals, generator=None):
+        real_init(self, num=32, pos_fraction=1.5 / 32, add_gt_as_proposals=add_gt_as_proposals, generator=generator)
+
+    RandomSampler.__init__ = one_positive
+    RandomSampler._choose = lambda self, candidates, count: candidates[:count]
+    real_build, real_to, real_getitem = presets.build_model, Batch.to, CocoDataset.__getitem__
+    presets.build_model = lambda *args, **kwargs: real_build(*args, **kwargs).double()
+    Batch.to = lambda self, device: real_to(dataclasses.replace(self, images=self.images.double()), device)
+
+    def recording_getitem(self, index):
+        if self.train:
+            order.append(index)
+        return real_getitem(self, index)
+
+    CocoDataset.__getitem__ = recording_getitem
 
 
 def _free_port() -> int:
@@ -99,6 +148,45 @@ def test_two_ranks_train_the_same_model(shapes4, tmp_path):
     assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)  # it did train after epoch 1
 
 
+# 2 ranks x batch 1 against 1 process x batch 2, 2 steps in float64 (see _train_exactly): the weights differed
+# by up to 4.3e-13 (sums in another order: DDP averages two gradients, one process takes one batch), judged
+# at 10 times that. The steps moved them by up to 7.8e-3: a DDP that summed the gradients instead of
+# averaging them, or ranks that trained on the same images, would differ on the scale of a step.
+DDP_TOLERANCE = 10 * 4.3e-13
+STEP_AT_LEAST = 1e-3
+
+
+def test_two_ranks_train_what_one_process_trains_at_the_same_total_batch(shapes4, tmp_path):
+    from oilleak.config import ModelConfig
+    from oilleak.models.presets import build_model
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    script = [str(HERE / "test_train_ddp.py"), str(shapes4)]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script,
+           str(two / "work"), str(two), "2", "-1", "1", "exact"]
+    single = [sys.executable, *script, str(one / "work"), str(one), "2", "-1", "2", "exact"]
+    for cmd in (ddp, single):
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    # the same images in each step: rank 0 and rank 1 take the first and the second of each pair one process takes
+    order = [json.loads((d / f"order{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
+    assert len(order[0]) == 4 and sorted(order[0]) == [0, 1, 2, 3]
+    assert [sorted(order[0][2 * s: 2 * s + 2]) for s in range(2)] == [sorted([order[1][s], order[2][s]]) for s in range(2)]
+    ddp_weights = torch.load(two / "rank0.pt", weights_only=True)
+    one_weights = torch.load(one / "rank0.pt", weights_only=True)
+    torch.manual_seed(0)  # train.seed: the weights both trainings started from (GroupNorm from random weights)
+    start = build_model(ModelConfig(preset="htc_r50_tiny", norm="group"), 2).state_dict()
+    keys = [k for k in one_weights if one_weights[k].is_floating_point() and one_weights[k].numel()]
+    worst = max((ddp_weights[k].double() - one_weights[k].double()).abs().max().item() for k in keys)
+    step = max((one_weights[k].double() - start[k].double()).abs().max().item() for k in keys)
+    print(f"2 ranks x batch 1 vs 1 process x batch 2: weights differ by up to {worst:.3g}; the steps moved them by up to {step:.3g}")
+    assert worst <= DDP_TOLERANCE, f"weights differ by up to {worst}"
+    assert step >= STEP_AT_LEAST
+    sizes = [torch.load(d / "work" / "latest.pth", weights_only=True)["train_state"]["world_size"] for d in (two, one)]
+    assert sizes == [2, 1]
+
+
 def test_an_exception_on_one_rank_stops_both(shapes4, tmp_path):
     port = str(_free_port())
     procs = []
@@ -122,4 +210,5 @@ def test_an_exception_on_one_rank_stops_both(shapes4, tmp_path):
 
 if __name__ == "__main__":
     data_root, work_dir, out_dir, max_iters, fail_rank = sys.argv[1:6]
-    _worker(data_root, work_dir, out_dir, int(max_iters), int(fail_rank))
+    batch_size, exact = (int(sys.argv[6]), sys.argv[7] == "exact") if len(sys.argv) > 6 else (1, False)
+    _worker(data_root, work_dir, out_dir, int(max_iters), int(fail_rank), batch_size, exact)
