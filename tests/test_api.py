@@ -148,6 +148,10 @@ def test_bad_inputs_name_the_input_and_the_fix(detector, tmp_path):
         detector(broken)
     (reported,) = detector.stream(broken, errors="report")
     assert reported.error.startswith("cannot read image") and len(reported) == 0
+    flash = tmp_path / "clip.flv"
+    flash.write_bytes(b"FLV\x01 not supported")
+    with pytest.raises(OilleakError, match=r"clip\.flv: .*\(images: BMP, JPEG, JPG, PNG, TIF, TIFF, WEBP; videos: MP4, MOV"):
+        detector(flash)
     with pytest.raises(OilleakError, match="tiles must be at least 64"):
         Detector(tmp_path / "any.pth", "cpu", tile=16)
     with pytest.raises(OilleakError, match="broken.jpg is not a checkpoint: it is no PyTorch file"):

@@ -229,12 +229,24 @@ def _items(source: ImageLike | Iterable[ImageLike], every: int | None, fps: floa
                 try:
                     yield _Item(str(found.path), load_image(found.path))
                 except OilleakError as exc:
+                    reason = _unreadable(found.path, exc)
                     if not report:
-                        raise
-                    yield _Item(str(found.path), None, str(exc).splitlines()[0])
+                        raise OilleakError(reason) from None
+                    yield _Item(str(found.path), None, reason)
         else:
             raise OilleakError(f"cannot predict a {type(entry).__name__}: pass a file, folder or glob path, a video, "
                                "an RGB numpy array (H, W, 3) uint8, a PIL image, or a list of these")
+
+
+def _unreadable(path: Path, exc: OilleakError) -> str:
+    """Why ``path`` gave no image; for a name that is neither an image's nor a video's, the formats that work."""
+    from oilleak.predict.predictor import IMAGE_EXTENSIONS
+    from oilleak.predict.video import FORMATS
+
+    reason = str(exc).splitlines()[0]
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        reason += f" (images: {', '.join(sorted(e[1:].upper() for e in IMAGE_EXTENSIONS))}; videos: {FORMATS})"
+    return reason
 
 
 def _is_pil(obj: object) -> bool:
