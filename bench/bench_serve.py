@@ -78,12 +78,16 @@ def direct_latency(ckpt: Path, device: str, repeats: int) -> dict:
     return {"direct_p50_ms": round(statistics.median(seconds) * 1000, 1)}
 
 
-def start_server(ckpt: Path, device: str, workers: int, max_batch: int, wait_ms: float, log: Path):
+def start_server(ckpt: Path, log: Path, *options: str, api_key: str | None = None):
+    """`oilleak serve CKPT --port P OPTIONS...` on 127.0.0.1 and a free port, once it answers /health; the
+    process and its URL (also used by bench/fuzz_serve.py and bench/soak_serve.py)."""
     port = free_port()
-    command = [sys.executable, "-m", "oilleak", "serve", str(ckpt), "--port", str(port), "--device", device,
-               "--workers", str(workers), "--queue", "64", "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms)]
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = [sys.executable, "-m", "oilleak", "serve", str(ckpt), "--port", str(port), *options]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OILLEAK_API_KEY", None)
+    if api_key:
+        env["OILLEAK_API_KEY"] = api_key
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if process.poll() is not None:
@@ -152,7 +156,8 @@ def main() -> None:
             ckpt = make_checkpoint(preset, work)
             peer = direct_latency(ckpt, args.device, args.direct)
             for max_batch in (int(b) for b in args.max_batch.split(",")):
-                process, url = start_server(ckpt, args.device, args.workers, max_batch, args.batch_wait_ms, work / "server.log")
+                process, url = start_server(ckpt, work / "server.log", "--device", args.device, "--workers", str(args.workers),
+                                            "--queue", "64", "--max-batch", str(max_batch), "--batch-wait-ms", str(args.batch_wait_ms))
                 try:
                     done = (0, 0)  # images and batches the server had run before this level
                     for clients in (int(c) for c in args.clients.split(",")):
