@@ -156,6 +156,7 @@ DDP_TOLERANCE = 10 * 4.3e-13
 STEP_AT_LEAST = 1e-3
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains_at_the_same_total_batch(shapes4, tmp_path):
     from oilleak.config import ModelConfig
     from oilleak.models.presets import build_model
