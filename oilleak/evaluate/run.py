@@ -103,7 +103,7 @@ def load_model_for_test(ckpt: Path, config: Config, overrides: list[str] | None 
             f"{list(config.data.classes)}; evaluate it with the config it was trained with (same names, same order)"
         )
     used, note = _from_checkpoint(config, config_from_checkpoint(raw, ckpt), overrides or [])
-    return build_with_weights(used, raw["state_dict"], ckpt), note, used
+    return build_with_weights(used, raw["state_dict"], ckpt, raw.get("config")), note, used
 
 
 def check_out_path(out: Path | None, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
