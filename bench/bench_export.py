@@ -5,7 +5,7 @@ the export time and the file size.
 
 A randomly initialised model of the preset (BatchNorm statistics from the image, so the cascade runs on
 varied scores) is saved, exported with `oilleak export`'s function, and both paths predict the same BSData
-image resized to 1333x800 (the preset's scale): PyTorch ``Predictor``-equivalent (resize, model, paste) and
+image resized to 1333x800 (the preset's scale): the PyTorch path of ``Detector`` (resize, model, paste) and
 ``OnnxModel.detect`` (resize, graph, numpy paste); the PyTorch model is prepared as `oilleak predict` prepares it. Median wall time of ``--repeats`` runs after one warm-up,
 both with the same thread count. With ``--openvino`` the ONNX file is also read by OpenVINO, if installed
 (its ONNX reader has no DeformConv, so a DetectoRS file is expected to fail there; the error is printed).

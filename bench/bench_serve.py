@@ -60,15 +60,15 @@ def make_checkpoint(preset: str, work: Path) -> Path:
 def direct_latency(ckpt: Path, device: str, repeats: int) -> dict:
     """The peer: the model called in this process on the same photo, as the server's workers call it."""
     from oilleak.data.transforms import load_image
-    from oilleak.serve.model import ServedModel
+    from oilleak.predict.detector import Detector
 
-    model = ServedModel.load(ckpt, torch.device(device))
+    model = Detector(ckpt, device)
     image = load_image(PHOTO)
-    model([image])
+    model.predict_arrays([image], model.score_thr)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model([image])
+        model.predict_arrays([image], model.score_thr)  # what the server's pool runs
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
