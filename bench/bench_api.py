@@ -5,7 +5,8 @@ The model is the demo's trained tiny DetectoRS (``oilleak.demo.demo_checkpoint``
 checkpoint), or any checkpoint given with --ckpt. Throughput: N BSData photos (decoded by the API, as a user
 passes paths), after one warm-up call, per batch size. Memory: a video of --frames frames made from BSData
 photos (OpenCV's mp4v writer, 1130x460 at 10 fps) streamed frame by frame; RSS after every frame, reported at
-the start, the peak and the end, and the growth per frame over the second half (a leak shows there).
+the start, the peak and the end, and the growth per frame over the second half (a leak shows there). One
+untimed pass over the photos comes first, since each new input size builds its kernels once.
 
     .venv/bin/python bench/bench_api.py --images 16 --frames 300 --json bench_out/api.json
 """
@@ -69,6 +70,9 @@ def main() -> None:
                        "torch": torch.__version__, "python": platform.python_version(),
                        "load_average_before": os.getloadavg()},
            "checkpoint": str(ckpt), "device": args.device, "throughput": [], "stream": {}}
+    # one untimed pass first: the photos' sizes differ, and the first pass at each input size builds its
+    # kernels (oneDNN primitives), which would otherwise all land on the first batch size measured
+    Detector(ckpt, args.device)(photos)
     for batch in [int(b) for b in args.batches.split(",")]:
         detector = Detector(ckpt, args.device, batch_size=batch)
         detector(photos[:batch])  # warm-up
