@@ -89,6 +89,16 @@ def test_a_full_queue_refuses_and_a_failing_batch_fails_only_its_requests():
         (after,) = pool.submit([image(255)])
         assert after.result(10).instances[0].score == 1.0  # the worker lived on
         assert pool.submit([image(1)] * 5)[4].result(10)  # a request larger than the queue, taken when it is empty
+        model.release.clear()
+        pool.submit([image(5)])  # the worker holds it
+        time.sleep(0.1)
+        pool.submit([image(6)])  # 1 of 2 places taken: a request of 3 photos still gets in
+        three = pool.submit([image(7)] * 3)
+        assert pool.waiting == 4 and pool.full()
+        with pytest.raises(QueueFull, match="queue of 2"):
+            pool.submit([image(8)])
+        model.release.set()
+        assert [f.result(10).instances[0].score for f in three] == pytest.approx([7 / 255] * 3)
     finally:
         pool.close()
 

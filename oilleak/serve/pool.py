@@ -73,12 +73,14 @@ class InferencePool:
         return len(self._waiting) >= self.queue_size
 
     def submit(self, images: list[np.ndarray], tile: int | None = None, min_score: float = 0.0) -> list[Future]:
-        """Queue the images of one request together or not at all (QueueFull). A request with more images
-        than the queue holds is taken when the queue is empty, so no request size is refused forever."""
+        """Queue the images of one request together or not at all: refused (QueueFull) only when the queue is
+        full. A request of several photos is taken whenever a place is free, and may fill the queue past its
+        size: waiting for as many free places as it has photos starved /predict/batch under steady load of
+        single photos (the soak in BENCHMARKS.md, "Reliability"); the pixel budget still bounds its memory."""
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            if self._waiting and len(self._waiting) + len(images) > self.queue_size or len(self._waiting) >= self.queue_size:
+            if len(self._waiting) >= self.queue_size:
                 raise QueueFull(f"{len(self._waiting)} images are waiting (queue of {self.queue_size})")
             jobs = [_Job(image, tile, min_score, Future()) for image in images]
             self._waiting.extend(jobs)
