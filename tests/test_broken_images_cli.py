@@ -1,40 +1,52 @@
-"""The corpus of tests/broken_images.py through `oilleak predict` (a folder of them) and `oilleak convert`
-(labelme files pointing at them): every broken file is named with what is wrong and the fix, the odd valid
-ones are predicted at their size, and no traceback reaches the user."""
+"""The corpus of tests/broken_images.py through load_image (what predict, test and training decode with),
+`oilleak predict` and `oilleak convert` (labelme files pointing at them): every broken file is named with
+what is wrong and the fix, the odd valid ones are read at their size, and no traceback reaches the user."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from broken_images import write_corpus
 from oilleak.cli import app
+from oilleak.data.transforms import load_image
+from oilleak.errors import OilleakError
 from serve_process import SMALL_SCALE, serve_ckpt  # noqa: F401 (a fixture)
 
 
-@pytest.mark.slow  # 8 model passes and a model load: about 30 s on 2 free cores, minutes on a loaded machine
-def test_predict_names_each_broken_file_and_reads_the_odd_ones(serve_ckpt, tmp_path):
-    samples = write_corpus(tmp_path / "in")
-    result = CliRunner().invoke(app, ["predict", str(serve_ckpt), str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"),
-                                      "--device", "cpu", "--score-thr", "0.99", "--set", SMALL_SCALE])
+def test_load_image_reads_the_odd_ones_at_their_size_and_names_the_broken_ones(tmp_path):
+    """`oilleak predict`, `test` and training decode with load_image (OpenCV), not with the server's Pillow."""
+    for sample in write_corpus(tmp_path):
+        if sample.kind == "refuse":
+            with pytest.raises(OilleakError, match=f"cannot read image {re.escape(str(tmp_path / sample.name))}: "):
+                load_image(tmp_path / sample.name)
+        elif sample.expect_size:
+            image = load_image(tmp_path / sample.name)
+            assert (image.shape[1], image.shape[0]) == sample.expect_size and image.dtype == np.uint8, sample.name
+
+
+def test_predict_names_each_broken_file_and_goes_on(serve_ckpt, tmp_path):
+    """Every broken file and the extreme valid one (1 x 1) in one `oilleak predict` run: one model pass."""
+    samples = [s for s in write_corpus(tmp_path / "in") if s.kind == "refuse" or s.name == "one_pixel.png"]
+    result = CliRunner().invoke(app, ["predict", str(serve_ckpt), *(str(tmp_path / "in" / s.name) for s in samples),
+                                      "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--score-thr", "0.99",
+                                      "--set", SMALL_SCALE])
     assert result.exit_code == 0, result.output
     assert result.exception is None and "Traceback" not in result.output
     rows = {row["file"].rsplit("/", 1)[-1]: row for row in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
+    assert set(rows) == {s.name for s in samples}
     for sample in samples:
-        if sample.name.endswith(".gif"):  # not among the extensions predict looks for in a folder
-            assert sample.name not in rows
-            continue
         row = rows[sample.name]
         if sample.kind == "refuse":
             assert row["status"].startswith(f"failed: cannot read image {tmp_path / 'in' / sample.name}: "), row
             assert "replace" in row["status"] and sample.name in result.output
         else:
-            assert row["status"] == "ok", row
-            if sample.expect_size:
-                assert (int(row["width"]), int(row["height"])) == sample.expect_size, row
+            assert row["status"] == "ok" and (int(row["width"]), int(row["height"])) == (1, 1), row
 
 
 def test_convert_names_each_broken_image_of_a_labelme_folder(tmp_path):
