@@ -62,3 +62,4 @@ def test_convert_names_each_broken_image_of_a_labelme_folder(tmp_path):
     for sample in samples:
         if sample.kind == "refuse":
             assert f"{sample.name}.json: cannot read image {tmp_path / 'src' / sample.name} (" in result.output, sample.name
+    assert "BytesIO" not in result.output  # the message names the file, not Pillow's in-memory buffer

@@ -24,12 +24,13 @@ import math
 import posixpath
 import random
 import shutil
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from oilleak import __version__
@@ -253,11 +254,17 @@ def _read_image(json_path: Path, rel: str, data: dict, errors: list[str]) -> _Im
         errors.append(f"{rel}: image missing: {looked}, and no imageData; put the image there or fix imagePath")
         return None
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
-            width, height = img.size
-            image_format = img.format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warnings on damaged EXIF: a real problem raises below
+            with Image.open(io.BytesIO(raw)) as img:
+                img.load()
+                orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
+                width, height = img.size
+                image_format = img.format
+    except UnidentifiedImageError:  # its text names an in-memory buffer, not the file
+        errors.append(f"{rel}: cannot read image {where} (not an image Pillow recognises: damaged, truncated or "
+                      "another kind of file); replace it with a readable image")
+        return None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         errors.append(f"{rel}: cannot read image {where} ({exc}); replace it with a readable image")
         return None
