@@ -183,11 +183,10 @@ class Detector:
         return self.predict_arrays([item.image for item in batch], thr)
 
     def _result(self, item: _Item, found: Found | None, thr: float) -> Result:
-        if found is None:
-            return Result(item.source, np.zeros((0, 0, 3), np.uint8), self.classes, thr, [], thr, None,
-                          item.frame, item.time_s, item.error)
-        return Result(item.source, item.image, self.classes, thr, found.instances, thr, found.top_score,
-                      item.frame, item.time_s)
+        image = item.image if found is not None else np.zeros((0, 0, 3), np.uint8)  # None: item.error says why
+        found = found or Found([], None)
+        return Result(item.source, image, self.classes, thr, found.instances, thr, found.top_score,
+                      item.frame, item.time_s, item.error)
 
 
 def _check_options(score_thr: float | None, tile: int | None, batch_size: int | None) -> None:

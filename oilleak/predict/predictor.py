@@ -208,8 +208,6 @@ def run_predict(
     rank returns the report of the whole run."""
     from oilleak.predict.video import is_video
 
-    if tile is not None and tile < 64:
-        raise OilleakError(f"--tile {tile}: tiles must be at least 64 pixels (e.g. --tile 1333)")
     runtime = distributed.start_if_launched(device)
     sources, problems = find_images(inputs, exclude=output_folders(out_dir))
     asked = out_dir
