@@ -133,6 +133,8 @@ def test_an_mmdetection_checkpoint_of_the_same_weights_gives_the_same_leaks(ckpt
     assert [r.to_dict() for r in from_mmdet(photos)] == [r.to_dict() for r in detector(photos)]
     with pytest.raises(OilleakError, match=r"trained on the classes \['Pitting'\], not \['oil'\]"):
         Detector(mmdet_file, "cpu", classes=["oil"], preset=model["preset"])
+    with pytest.raises(OilleakError, match="is not a htc_r50_tiny model for 1 classes .*use the model.preset"):
+        Detector(mmdet_file, "cpu", preset="htc_r50_tiny")  # another model than the one it was trained as
 
 
 def test_bad_inputs_name_the_input_and_the_fix(detector, tmp_path):

@@ -75,26 +75,12 @@ def load_model_for_test(ckpt: Path, config: Config, overrides: list[str] | None 
     the config describes and loaded tensor by tensor with a report (``load_weights``).
     """
     from oilleak.models.checkpoint import (
-        FORMAT, build_with_weights, config_from_checkpoint, load_weights, mmdet_classes, read_checkpoint_file,
+        FORMAT, build_with_mmdet_weights, build_with_weights, config_from_checkpoint, read_checkpoint_file,
     )
-    from oilleak.models.presets import build_model
 
     raw = read_checkpoint_file(ckpt)
     if raw.get("format") != FORMAT:
-        trained = mmdet_classes(raw)  # in mmdet's label order; the same names in another order get reordered
-        if trained is not None and sorted(trained) != sorted(config.data.classes):
-            raise OilleakError(
-                f"mmdetection checkpoint {ckpt} was trained on the classes {trained} (in this label order), but the "
-                f"config's data.classes are {list(config.data.classes)}; evaluate it with the classes it was trained on"
-            )
-        model = build_model(config.model, config.num_classes)
-        report = load_weights(model, raw, classes=config.data.classes)
-        report.source = str(ckpt)
-        if report.skipped or report.missing:  # a part of the model would keep random weights: metrics meaningless
-            raise OilleakError(
-                f"{report.format()}\ncheckpoint {ckpt} does not fill the whole {config.model.preset} model for "
-                f"{config.num_classes} classes; evaluate a checkpoint trained on the config's classes and model"
-            )
+        model, report = build_with_mmdet_weights(config, raw, ckpt)
         return model, report.format(), config
     classes = list(raw.get("classes", []))
     if classes != list(config.data.classes):

@@ -308,6 +308,29 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], class
     return report
 
 
+def build_with_mmdet_weights(config: Config, checkpoint: Mapping[str, Any], path: str | Path) -> tuple[nn.Module, LoadReport]:
+    """The model ``config`` describes with an mmdetection checkpoint's weights, class rows moved into
+    ``config.data.classes``' order (:func:`load_weights`); refused when the file was trained on other classes or
+    leaves a part of the model at its random initial values (its detections would mean nothing)."""
+    trained = mmdet_classes(checkpoint)  # in mmdet's label order; the same names in another order get reordered
+    if trained is not None and sorted(trained) != sorted(config.data.classes):
+        raise OilleakError(
+            f"mmdetection checkpoint {path} was trained on the classes {trained}, not {list(config.data.classes)} "
+            "(data.classes); use the classes it was trained on (in any order)"
+        )
+    model = build_model(config.model, config.num_classes)
+    report = load_weights(model, checkpoint, classes=config.data.classes)
+    report.source = str(path)
+    # missing or skipped tensors would keep random values; tensors the model has no place for (e.g. the RFP and
+    # SAC of a DetectoRS file loaded as plain HTC) would be dropped: either way not the model that was trained
+    if report.skipped or report.missing or report.unexplained()["unexpected"]:
+        raise OilleakError(
+            f"{report.format()}\ncheckpoint {path} is not a {config.model.preset} model for {config.num_classes} "
+            "classes (the differences above); use the model.preset and data.classes it was trained with"
+        )
+    return model, report
+
+
 def mmdet_classes(checkpoint: Mapping[str, Any]) -> list[str] | None:
     """The class names of an mmdetection checkpoint in its label order (mmdet 3.x ``meta.dataset_meta.classes``,
     2.x ``meta.CLASSES``), or None when it does not say."""

@@ -159,23 +159,13 @@ def _mmdet_model(path: Path, raw: dict, classes: list[str] | None, preset: str |
                  overrides: list[str] | None) -> tuple[nn.Module, Config]:
     """An mmdetection checkpoint's model: every tensor of the preset must come from the file."""
     from oilleak.config import config_from_dict
-    from oilleak.models.checkpoint import load_weights, mmdet_classes
-    from oilleak.models.presets import build_model
+    from oilleak.models.checkpoint import build_with_mmdet_weights, mmdet_classes
 
-    trained = mmdet_classes(raw)
+    classes = classes if classes is not None else mmdet_classes(raw)
     if classes is None:
-        if trained is None:
-            raise OilleakError(f"{path} is an mmdetection checkpoint that does not record its classes: pass them in its "
-                               "label order, e.g. Detector(path, classes=['sly_bjbmyw', ...])")
-        classes = trained
-    elif trained is not None and sorted(trained) != sorted(classes):
-        raise OilleakError(f"{path} was trained on the classes {trained}, not {list(classes)}; pass the classes it was trained on")
+        raise OilleakError(f"{path} is an mmdetection checkpoint that does not record its classes: pass them in its "
+                           "label order, e.g. Detector(path, classes=['sly_bjbmyw', ...])")
     config = config_from_dict({"data": {"data_root": ".", "classes": list(classes)},
                                "model": {"preset": preset or "detectors_htc_r50"}}, f"the model of {path}", overrides)
-    model = build_model(config.model, config.num_classes)
-    report = load_weights(model, raw, classes=config.data.classes)
-    report.source = str(path)
-    if report.skipped or report.missing:
-        raise OilleakError(f"{report.format()}\n{path} does not fill the whole {config.model.preset} model for "
-                           f"{config.num_classes} classes; pass the preset and classes it was trained with")
+    model, _ = build_with_mmdet_weights(config, raw, path)
     return model.eval(), config
